@@ -1,0 +1,323 @@
+"""Configs: frozen dataclasses, named presets, command-line overrides, validation.
+
+A run is described by one `Config` (mesh, data, text, train; model sections join as the stages land).
+Presets are plain functions returning a `Config`; `--set section.field=value` overrides any leaf:
+
+    dalle-jax ... --preset demo --set train.batch_size=64 --set mesh.ici_parallelism=2,2,2
+
+Values are parsed by the field's type: ints, floats, bools (true/false/1/0/yes/no), strings, and tuples
+written comma-separated (`1,2,4`) or as JSON (`[["batch", ["data", "fsdp"]]]`). The resolved config is
+written to the run directory as `config.json` and can be read back with `load_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axes. One table for every model; change it (or the mesh) to move between
+# data parallel, FSDP and tensor parallel without touching model code.
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("kv", None),
+    ("mlp", ("tensor",)),
+    ("vocab", ("tensor",)),
+    ("conv_in", None),
+    ("conv_out", ("fsdp",)),
+    ("height", None),
+    ("width", None),
+    ("layers", None),
+)
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh over axes (data, fsdp, tensor).
+
+    `ici_parallelism` is the shape within a slice (one -1 fills the remaining devices);
+    `dcn_parallelism` is the shape across slices (multi-slice pods; all ones on a single slice).
+    """
+
+    ici_parallelism: tuple[int, ...] = (-1, 1, 1)
+    dcn_parallelism: tuple[int, ...] = (1, 1, 1)
+    rules: tuple[tuple[str, tuple[str, ...] | None], ...] = DEFAULT_RULES
+
+    def __post_init__(self):
+        for name in ("ici_parallelism", "dcn_parallelism"):
+            shape = getattr(self, name)
+            if len(shape) != len(MESH_AXES):
+                raise ConfigError(f"mesh.{name}={shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+            if any(s == 0 or s < -1 for s in shape):
+                raise ConfigError(f"mesh.{name}={shape}: entries must be positive or -1 (fill)")
+        if sum(s == -1 for s in self.ici_parallelism + self.dcn_parallelism) > 1:
+            raise ConfigError("mesh: at most one -1 (fill) entry across ici_parallelism and dcn_parallelism")
+        for logical, axes in self.rules:
+            for axis in axes or ():
+                if axis not in MESH_AXES:
+                    raise ConfigError(f"mesh.rules: '{logical}' maps to unknown mesh axis '{axis}' "
+                                      f"(mesh axes are {MESH_AXES})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which dataset and how to read it."""
+
+    dataset: str = "shapes"  # "shapes" (built in) or "folder"
+    data_dir: str = ""  # dataset version dir; empty = build the shapes data inside the run dir
+    image_size: int = 64
+    num_train: int = 10000
+    num_validation: int = 1000
+    num_test: int = 1000
+    holdout: str = "red triangle,blue circle,yellow cross,green square"
+    seed: int = 0
+    read_threads: int = 2
+    prefetch: int = 2
+
+    def __post_init__(self):
+        if self.dataset not in ("shapes", "folder"):
+            raise ConfigError(f"data.dataset='{self.dataset}': choose 'shapes' or 'folder'")
+        if self.image_size < 8 or self.image_size % 8:
+            raise ConfigError(f"data.image_size={self.image_size} must be a multiple of 8 and >= 8")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """BPE tokenizer settings (paper: vocab 16384, 256 tokens, BPE-dropout 0.1, a pad per position)."""
+
+    vocab_size: int = 16384
+    text_len: int = 256
+    # "per_position" is the paper's (one learned pad per text position); "shared" is the ablation.
+    pad_mode: str = "per_position"
+    bpe_dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.pad_mode not in ("per_position", "shared"):
+            raise ConfigError(f"text.pad_mode='{self.pad_mode}': choose 'per_position' or 'shared'")
+        if not 0.0 <= self.bpe_dropout < 1.0:
+            raise ConfigError(f"text.bpe_dropout={self.bpe_dropout} must be in [0, 1)")
+        if self.text_len < 1 or self.vocab_size < 1:
+            raise ConfigError("text.text_len and text.vocab_size must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Loop settings shared by every trainer."""
+
+    batch_size: int = 32  # global batch, split over (data, fsdp)
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 500
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    compute_dtype: str = "float32"  # bfloat16 on TPU/GPU; params stay float32
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.steps < 0:
+            raise ConfigError(f"train.batch_size={self.batch_size} / train.steps={self.steps} out of range")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"train.compute_dtype='{self.compute_dtype}': float32, bfloat16 or float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    text: TextConfig = TextConfig()
+    train: TrainConfig = TrainConfig()
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets
+
+def _demo() -> Config:
+    """Fits this 2-core CPU: 64 px shapes, short captions."""
+    return Config(
+        name="demo",
+        data=DataConfig(image_size=64, num_train=10000, num_validation=1000, num_test=1000),
+        text=TextConfig(vocab_size=512, text_len=24),
+        train=TrainConfig(batch_size=32, steps=2000),
+    )
+
+
+def _quick() -> Config:
+    """The demo at minimal sizes, for CI and a first look."""
+    base = _demo()
+    return dataclasses.replace(
+        base,
+        name="quick",
+        data=dataclasses.replace(base.data, image_size=32, num_train=256, num_validation=64, num_test=64),
+        train=dataclasses.replace(base.train, batch_size=16, steps=20, log_every=5, eval_every=10,
+                                  save_every=10),
+    )
+
+
+def _bench() -> Config:
+    return Config(
+        name="bench",
+        data=DataConfig(image_size=128),
+        text=TextConfig(vocab_size=16384, text_len=64),
+        train=TrainConfig(batch_size=64, compute_dtype="bfloat16"),
+    )
+
+
+def _paper_12b() -> Config:
+    """The paper's numbers: 256x256 images, 256 text tokens, vocab 16384, batch 1024."""
+    return Config(
+        name="paper_12b",
+        mesh=MeshConfig(ici_parallelism=(1, -1, 1)),
+        data=DataConfig(dataset="folder", image_size=256),
+        text=TextConfig(vocab_size=16384, text_len=256),
+        train=TrainConfig(batch_size=1024, steps=430_000, compute_dtype="bfloat16"),
+    )
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "demo": _demo,
+    "quick": _quick,
+    "bench": _bench,
+    "paper_12b": _paper_12b,
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------------
+# Overrides
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _parse_value(text: str, annotation: Any, where: str) -> Any:
+    """Parses `text` as a value of the field type `annotation`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if text.lower() in ("none", "null") and len(options) < len(typing.get_args(annotation)):
+            return None
+        return _parse_value(text, options[0], where)
+    if annotation is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{where}: '{text}' is not a boolean (use true/false)")
+    if annotation in (int, float, str):
+        try:
+            return annotation(text)
+        except ValueError:
+            raise ConfigError(f"{where}: '{text}' is not a valid {annotation.__name__}") from None
+    if origin is tuple:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = [v.strip() for v in text.split(",") if v.strip()]
+        args = typing.get_args(annotation)
+        item_type = args[0] if args else str
+        if not isinstance(value, list):
+            value = [value]
+        if item_type in (int, float):
+            try:
+                return tuple(item_type(v) for v in value)
+            except ValueError:
+                raise ConfigError(f"{where}: '{text}' is not a list of {item_type.__name__}") from None
+        return _to_tuples(value)
+    raise ConfigError(f"{where}: cannot set fields of type {annotation} from the command line")
+
+
+def _to_tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_to_tuples(v) for v in value)
+    return value
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+    """Returns `config` with each `section.field=value` override applied (validated on construction)."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override '{override}' must look like section.field=value")
+        path, text = override.split("=", 1)
+        config = _set_path(config, path.strip().split("."), text.strip(), path.strip())
+    return config
+
+
+def _set_path(node: Any, keys: list[str], text: str, full: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    if keys[0] not in fields:
+        raise ConfigError(f"override '{full}': {type(node).__name__} has no field '{keys[0]}'; "
+                          f"fields are {sorted(fields)}")
+    current = getattr(node, keys[0])
+    if len(keys) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"override '{full}': '{keys[0]}' is not a section")
+        return dataclasses.replace(node, **{keys[0]: _set_path(current, keys[1:], text, full)})
+    hints = typing.get_type_hints(type(node))
+    return dataclasses.replace(node, **{keys[0]: _parse_value(text, hints[keys[0]], full)})
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+
+def _from_dict(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - fields
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)} for {cls.__name__}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value, f"{where}.{name}")
+        elif isinstance(value, list):
+            kwargs[name] = _to_tuples(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> Config:
+    """Reads a `config.json` written by `save_config`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    return _from_dict(Config, data, str(path))
+
+
+def resolve(preset: str = "demo", overrides: Sequence[str] = ()) -> Config:
+    """Preset + overrides, validated."""
+    return apply_overrides(get_preset(preset), overrides)
