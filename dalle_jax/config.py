@@ -1,9 +1,9 @@
 """Configs: frozen dataclasses, named presets, command-line overrides, validation.
 
-A run is described by one `Config` (mesh, data, text, train; model sections join as the stages land).
+A run is described by one `Config`: mesh, data, text, and a model + training section per stage.
 Presets are plain functions returning a `Config`; `--set section.field=value` overrides any leaf:
 
-    dalle-jax ... --preset demo --set train.batch_size=64 --set mesh.ici_parallelism=2,2,2
+    dalle-jax ... --preset demo --set dvae_train.batch_size=64 --set mesh.ici_parallelism=2,2,2
 
 Values are parsed by the field's type: ints, floats, bools (true/false/1/0/yes/no), strings, and tuples
 written comma-separated (`1,2,4`) or as JSON (`[["batch", ["data", "fsdp"]]]`). The resolved config is
@@ -19,6 +19,8 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from dalle_jax.models.dvae import DVAEConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -124,13 +126,53 @@ class TrainConfig:
     eval_every: int = 500
     save_every: int = 500
     keep_checkpoints: int = 3
-    compute_dtype: str = "float32"  # bfloat16 on TPU/GPU; params stay float32
 
     def __post_init__(self):
         if self.batch_size < 1 or self.steps < 0:
-            raise ConfigError(f"train.batch_size={self.batch_size} / train.steps={self.steps} out of range")
-        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"train.compute_dtype='{self.compute_dtype}': float32, bfloat16 or float16")
+            raise ConfigError(f"batch_size={self.batch_size} / steps={self.steps} out of range")
+        if min(self.log_every, self.eval_every, self.save_every, self.keep_checkpoints) < 1:
+            raise ConfigError("log_every, eval_every, save_every and keep_checkpoints must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DVAETrainConfig(TrainConfig):
+    """The paper's dVAE recipe (appendix A). Schedule lengths are the paper's at 1.2M updates;
+    `scaled_to(steps)` keeps their proportions for shorter runs."""
+
+    batch_size: int = 512
+    steps: int = 1_200_000
+    kl_weight: float = 6.6  # beta; cosine-annealed from 0 over kl_warmup_steps
+    kl_warmup_steps: int = 5000
+    temperature_start: float = 1.0
+    temperature_end: float = 1.0 / 16
+    temperature_steps: int = 150_000
+    temperature_schedule: str = "cosine"  # the paper's; "linear" for the ablation (it diverged there)
+    learning_rate: float = 1e-4  # cosine-decayed to learning_rate_end over lr_decay_steps
+    learning_rate_end: float = 1.25e-6
+    lr_decay_steps: int = 1_200_000
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.999
+    likelihood: str = "logit_laplace"  # the paper's; "mse" for the ablation
+    num_eval_images: int = 64  # held validation batch for codebook usage and reconstructions
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.temperature_schedule not in ("cosine", "linear"):
+            raise ConfigError(f"dvae_train.temperature_schedule='{self.temperature_schedule}': cosine or linear")
+        if self.likelihood not in ("logit_laplace", "mse"):
+            raise ConfigError(f"dvae_train.likelihood='{self.likelihood}': logit_laplace or mse")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"dvae_train.ema_decay={self.ema_decay} must be in [0, 1)")
+
+    def scaled_to(self, steps: int, **overrides) -> DVAETrainConfig:
+        """The same recipe over `steps` updates: every schedule keeps its fraction of the paper's 1.2M."""
+        fraction = steps / 1_200_000
+        return dataclasses.replace(
+            self, steps=steps, kl_warmup_steps=max(1, round(5000 * fraction)),
+            temperature_steps=max(1, round(150_000 * fraction)), lr_decay_steps=max(1, steps), **overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,19 +181,22 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
     text: TextConfig = TextConfig()
-    train: TrainConfig = TrainConfig()
+    dvae: DVAEConfig = DVAEConfig()
+    dvae_train: DVAETrainConfig = DVAETrainConfig()
 
 
 # --------------------------------------------------------------------------------------------------
 # Presets
 
 def _demo() -> Config:
-    """Fits this 2-core CPU: 64 px shapes, short captions."""
+    """Fits this 2-core CPU: 64 px shapes -> 8x8 tokens from a 512-code dVAE, short captions."""
     return Config(
         name="demo",
         data=DataConfig(image_size=64, num_train=10000, num_validation=1000, num_test=1000),
         text=TextConfig(vocab_size=512, text_len=24),
-        train=TrainConfig(batch_size=32, steps=2000),
+        dvae=DVAEConfig(vocab_size=512, n_hid=32, n_init=32, group_count=4, blocks_per_group=1),
+        dvae_train=DVAETrainConfig(batch_size=32, log_every=50, eval_every=500, save_every=250).scaled_to(
+            2000, learning_rate=1e-3, learning_rate_end=1e-4),
     )
 
 
@@ -162,8 +207,9 @@ def _quick() -> Config:
         base,
         name="quick",
         data=dataclasses.replace(base.data, image_size=32, num_train=256, num_validation=64, num_test=64),
-        train=dataclasses.replace(base.train, batch_size=16, steps=20, log_every=5, eval_every=10,
-                                  save_every=10),
+        dvae=dataclasses.replace(base.dvae, n_hid=16, n_init=16, vocab_size=128),
+        dvae_train=dataclasses.replace(base.dvae_train.scaled_to(20), batch_size=16, log_every=5,
+                                       eval_every=10, save_every=10, num_eval_images=16),
     )
 
 
@@ -172,7 +218,8 @@ def _bench() -> Config:
         name="bench",
         data=DataConfig(image_size=128),
         text=TextConfig(vocab_size=16384, text_len=64),
-        train=TrainConfig(batch_size=64, compute_dtype="bfloat16"),
+        dvae=DVAEConfig(compute_dtype="bfloat16"),
+        dvae_train=DVAETrainConfig(batch_size=64),
     )
 
 
@@ -183,7 +230,8 @@ def _paper_12b() -> Config:
         mesh=MeshConfig(ici_parallelism=(1, -1, 1)),
         data=DataConfig(dataset="folder", image_size=256),
         text=TextConfig(vocab_size=16384, text_len=256),
-        train=TrainConfig(batch_size=1024, steps=430_000, compute_dtype="bfloat16"),
+        dvae=DVAEConfig(compute_dtype="bfloat16"),
+        dvae_train=DVAETrainConfig(),
     )
 
 

@@ -18,12 +18,12 @@ def test_every_preset_loads_and_round_trips_through_json(name, tmp_path):
 
 def test_overrides_parse_by_field_type():
     cfg = config_lib.resolve("demo", [
-        "train.batch_size=64", "train.compute_dtype=bfloat16", "text.bpe_dropout=0.25",
+        "dvae_train.batch_size=64", "dvae.compute_dtype=bfloat16", "text.bpe_dropout=0.25",
         "mesh.ici_parallelism=2,2,-1", 'mesh.rules=[["batch", ["data"]], ["embed", null]]',
         "data.holdout=red square",
     ])
-    assert cfg.train.batch_size == 64 and isinstance(cfg.train.batch_size, int)
-    assert cfg.train.compute_dtype == "bfloat16"
+    assert cfg.dvae_train.batch_size == 64 and isinstance(cfg.dvae_train.batch_size, int)
+    assert cfg.dvae.compute_dtype == "bfloat16"
     assert cfg.text.bpe_dropout == 0.25
     assert cfg.mesh.ici_parallelism == (2, 2, -1)
     assert cfg.mesh.rules == (("batch", ("data",)), ("embed", None))
@@ -33,15 +33,15 @@ def test_overrides_parse_by_field_type():
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("train.batch_size=abc", "train.batch_size"),
-    ("train.nope=1", "no field 'nope'"),
+    ("dvae_train.batch_size=abc", "dvae_train.batch_size"),
+    ("dvae_train.nope=1", "no field 'nope'"),
     ("nosection.x=1", "no field 'nosection'"),
-    ("train.batch_size", "section.field=value"),
+    ("dvae_train.batch_size", "section.field=value"),
     ("text.pad_mode=global", "per_position"),
     ("mesh.ici_parallelism=1,2", "3 entries"),
     ("mesh.ici_parallelism=-1,-1,1", "at most one -1"),
     ('mesh.rules=[["batch", ["pipeline"]]]', "unknown mesh axis 'pipeline'"),
-    ("train.compute_dtype=int8", "compute_dtype"),
+    ("dvae_train.likelihood=l1", "likelihood"),
 ])
 def test_bad_overrides_name_the_field(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
@@ -55,7 +55,7 @@ def test_unknown_preset_lists_choices():
 
 def test_load_config_rejects_unknown_fields(tmp_path):
     data = config_lib.to_dict(config_lib.get_preset("quick"))
-    data["train"]["learning_rat"] = 1.0
+    data["dvae_train"]["learning_rat"] = 1.0
     path = tmp_path / "config.json"
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="learning_rat"):
@@ -65,4 +65,4 @@ def test_load_config_rejects_unknown_fields(tmp_path):
 def test_configs_are_frozen():
     cfg = config_lib.get_preset("demo")
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.train.batch_size = 3
+        cfg.dvae_train.batch_size = 3

@@ -20,7 +20,7 @@ def dataset(tmp_path_factory):
     path = build_shapes(str(tmp_path_factory.mktemp("shapes")), spec)
     source = open_split(path, "train")
     captions = [source[i]["caption"].decode() for i in range(len(source))]
-    tokenizer = TextTokenizer.train(captions, vocab_size=300, text_len=16, dropout=0.3)
+    tokenizer = TextTokenizer.train(captions, vocab_size=300, text_len=48, dropout=0.3)
     return path, source, tokenizer
 
 
@@ -36,7 +36,7 @@ def test_global_batch_is_sharded_and_holds_the_right_examples(dataset):
     batch = device_batch(host, mesh, DEFAULT_RULES)
     assert set(batch) == {"image", "text", "id"}
     assert batch["image"].shape == (16, 16, 16, 3) and batch["image"].dtype == np.uint8
-    assert batch["text"].shape == (16, 16) and batch["text"].dtype == np.int32
+    assert batch["text"].shape == (16, 48) and batch["text"].dtype == np.int32
     for value in batch.values():
         assert value.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), value.ndim)
         assert value.addressable_shards[0].data.shape[0] == 2

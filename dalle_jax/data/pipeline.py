@@ -134,3 +134,19 @@ def device_batch(host_batch: dict, mesh: jax.sharding.Mesh, rules: sharding.Rule
     """Numeric fields -> global `jax.Array`s sharded on the batch axis; text fields stay on the host."""
     numeric = {k: v for k, v in host_batch.items() if np.asarray(v).dtype.kind in "biuf"}
     return sharding.shard_batch(numeric, mesh, rules)
+
+
+def dataset_dir_for(data_config: Any, run_dir: str | Path) -> Path:
+    """The dataset a run trains on: `data.data_dir` if set, else the built-in shapes data built in the run dir
+    (built once; rebuilding with the same spec reuses it)."""
+    if data_config.data_dir:
+        return Path(data_config.data_dir)
+    if data_config.dataset != "shapes":
+        raise DatasetError(f"data.dataset='{data_config.dataset}' needs data.data_dir: build it with "
+                           f"`dalle-jax data folder SRC --out DIR` and pass --set data.data_dir=<printed dir>")
+    from dalle_jax.data import shapes
+
+    spec = shapes.ShapesSpec(image_size=data_config.image_size, num_train=data_config.num_train,
+                             num_validation=data_config.num_validation, num_test=data_config.num_test,
+                             holdout=shapes.parse_holdout(data_config.holdout), seed=data_config.seed)
+    return Path(shapes.build_shapes(str(Path(run_dir) / "data"), spec))

@@ -1,0 +1,202 @@
+"""The discrete VAE of DALL·E, as OpenAI released it, in Flax NNX (NHWC).
+
+Encoder: 7x7 conv -> G groups of B bottleneck blocks (width n_hid * 2^g, max-pool x2 after every group but the
+last) -> relu -> 1x1 conv to `vocab_size` logits. Decoder: 1x1 conv from (relaxed) one-hot codes -> G groups
+(width n_hid * 2^(G-1-g), nearest upsample x2 after every group but the last) -> relu -> 1x1 conv to 6
+channels: the logit-Laplace mu (0..2) and ln b (3..5). Residual blocks compute
+`id_path(x) + post_gain * res_path(x)` with post_gain = 1 / (G*B)^2; no normalisation anywhere.
+
+With the defaults (n_hid 256, 4 groups x 2 blocks, vocab 8192) the parameter tree matches the released
+`encoder.pkl` / `decoder.pkl` one to one (see dalle_jax/convert/openai_dvae.py for the name mapping):
+encoder 53,786,240 parameters, decoder 43,829,766.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LOGIT_LAPLACE_EPS = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class DVAEConfig:
+    """Architecture. Defaults are the released model; small presets shrink width, depth and vocab."""
+
+    vocab_size: int = 8192
+    n_hid: int = 256
+    n_init: int = 128  # decoder input width
+    group_count: int = 4  # downsampling factor 2^(group_count - 1): 4 groups -> 256 px to 32x32 tokens
+    blocks_per_group: int = 2
+    input_channels: int = 3
+    # "max" is the paper's (reported to help); "avg" for the ablation.
+    pooling: str = "max"
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"dvae.pooling='{self.pooling}': choose 'max' or 'avg'")
+        if self.group_count < 1 or self.blocks_per_group < 1:
+            raise ValueError("dvae.group_count and dvae.blocks_per_group must be >= 1")
+        if self.n_hid % 4 or self.n_init < 1:
+            raise ValueError(f"dvae.n_hid={self.n_hid} must be a multiple of 4 (blocks use n_out // 4)")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (self.group_count - 1)
+
+    def grid_size(self, image_size: int) -> int:
+        if image_size % self.downsample:
+            raise ValueError(f"image size {image_size} is not divisible by the dVAE's downsampling factor "
+                             f"{self.downsample} (2^(group_count-1))")
+        return image_size // self.downsample
+
+
+def map_pixels(x: jax.Array) -> jax.Array:
+    """[0, 1] -> [eps, 1 - eps], the range the logit-Laplace likelihood lives on."""
+    return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
+
+
+def unmap_pixels(x: jax.Array) -> jax.Array:
+    return jnp.clip((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS), 0, 1)
+
+
+class Conv(nnx.Module):
+    """Conv2d as in the release: weight ~ N(0, 1/sqrt(in * k^2)), bias 0, stride 1, 'same' padding.
+
+    Weights are HWIO (k, k, in, out); the released OIHW tensors are transposed on import.
+    """
+
+    def __init__(self, n_in: int, n_out: int, kernel: int, *, rngs: nnx.Rngs, dtype: str = "float32"):
+        if kernel % 2 != 1:
+            raise ValueError(f"kernel size {kernel} must be odd")
+        std = 1.0 / math.sqrt(n_in * kernel**2)
+        self.w = nnx.Param(std * jax.random.normal(rngs.params(), (kernel, kernel, n_in, n_out), jnp.float32),
+                           out_sharding=("height", "width", "conv_in", "conv_out"))
+        self.b = nnx.Param(jnp.zeros((n_out,), jnp.float32), out_sharding=("conv_out",))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, in) -> (B, H, W, out)
+        dtype = jnp.dtype(self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x.astype(dtype), self.w[...].astype(dtype), window_strides=(1, 1), padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+        return y + self.b[...]
+
+
+class Block(nnx.Module):
+    """Bottleneck residual block; encoder kernels (3, 3, 3, 1), decoder kernels (1, 3, 3, 3)."""
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, ...], *, rngs: nnx.Rngs,
+                 dtype: str):
+        n_hid = n_out // 4
+        self.post_gain = 1.0 / n_layers**2
+        self.id_path = Conv(n_in, n_out, 1, rngs=rngs, dtype=dtype) if n_in != n_out else None
+        widths = (n_in, n_hid, n_hid, n_hid, n_out)
+        self.res_path = nnx.List([Conv(widths[j], widths[j + 1], k, rngs=rngs, dtype=dtype)
+                                  for j, k in enumerate(kernels)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x
+        for conv in self.res_path:
+            h = conv(jax.nn.relu(h))
+        identity = x if self.id_path is None else self.id_path(x)
+        return identity + self.post_gain * h
+
+
+class Group(nnx.Module):
+    def __init__(self, n_in: int, n_out: int, config: DVAEConfig, kernels: tuple[int, ...], *, rngs: nnx.Rngs):
+        n_layers = config.group_count * config.blocks_per_group
+        self.blocks = nnx.List([
+            Block(n_in if i == 0 else n_out, n_out, n_layers, kernels, rngs=rngs, dtype=config.compute_dtype)
+            for i in range(config.blocks_per_group)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class Encoder(nnx.Module):
+    """Images (B, H, W, 3) in [0, 1] (already `map_pixels`-ed) -> logits (B, H/f, W/f, vocab) in fp32."""
+
+    def __init__(self, config: DVAEConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        widths = [config.n_hid * 2**g for g in range(config.group_count)]
+        self.input = Conv(config.input_channels, config.n_hid, 7, rngs=rngs, dtype=config.compute_dtype)
+        self.groups = nnx.List([
+            Group(config.n_hid if g == 0 else widths[g - 1], widths[g], config, (3, 3, 3, 1), rngs=rngs)
+            for g in range(config.group_count)])
+        # The output conv stays fp32, as in the release: logits feed argmax and the KL.
+        self.output = Conv(widths[-1], config.vocab_size, 1, rngs=rngs, dtype="float32")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.input(x)
+        for g, group in enumerate(self.groups):
+            x = group(x)
+            if g < len(self.groups) - 1:
+                x = _pool(x, self.config.pooling)
+        return self.output(jax.nn.relu(x))
+
+
+class Decoder(nnx.Module):
+    """(Relaxed) one-hot codes (B, h, w, vocab) -> (B, h*f, w*f, 6): logit-Laplace mu (0..2), ln b (3..5)."""
+
+    def __init__(self, config: DVAEConfig, *, rngs: nnx.Rngs, output_channels: int = 3):
+        self.config = config
+        widths = [config.n_hid * 2 ** (config.group_count - 1 - g) for g in range(config.group_count)]
+        self.input = Conv(config.vocab_size, config.n_init, 1, rngs=rngs, dtype="float32")
+        self.groups = nnx.List([
+            Group(config.n_init if g == 0 else widths[g - 1], widths[g], config, (1, 3, 3, 3), rngs=rngs)
+            for g in range(config.group_count)])
+        self.output = Conv(widths[-1], 2 * output_channels, 1, rngs=rngs, dtype=config.compute_dtype)
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return self._body(self.input(z))
+
+    def decode_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Tokens (B, h, w) int -> decoder output; the 1x1 input conv of a one-hot is a row lookup."""
+        w = self.input.w[...][0, 0]  # (vocab, n_init)
+        return self._body(w[tokens] + self.input.b[...])
+
+    def _body(self, x: jax.Array) -> jax.Array:
+        for g, group in enumerate(self.groups):
+            x = group(x)
+            if g < len(self.groups) - 1:
+                x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest upsample x2
+        return self.output(jax.nn.relu(x)).astype(jnp.float32)
+
+
+class DVAE(nnx.Module):
+    def __init__(self, config: DVAEConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.encoder = Encoder(config, rngs=rngs)
+        self.decoder = Decoder(config, rngs=rngs)
+
+    def encode(self, images: jax.Array) -> jax.Array:
+        """Images (B, H, W, 3) in [0, 1] -> tokens (B, H/f, W/f) int32: argmax of the logits, no noise."""
+        return jnp.argmax(self.encoder(map_pixels(images)), axis=-1).astype(jnp.int32)
+
+    def decode(self, tokens: jax.Array) -> jax.Array:
+        """Tokens (B, h, w) -> images (B, h*f, w*f, 3) in [0, 1]: sigmoid(mu), unmapped."""
+        return reconstruct(self.decoder.decode_tokens(tokens))
+
+
+def reconstruct(decoder_output: jax.Array) -> jax.Array:
+    """Decoder output (..., 6) -> image in [0, 1]: sigmoid of the logit-Laplace mean, unmapped."""
+    return unmap_pixels(jax.nn.sigmoid(decoder_output[..., :3]))
+
+
+def _pool(x: jax.Array, kind: str) -> jax.Array:
+    window = (1, 2, 2, 1)
+    if kind == "max":
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, window, "VALID")
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, window, "VALID") / 4.0
+
+
+def count_params(module: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
