@@ -17,6 +17,7 @@ Stages (each reads a config preset, writes into a directory, and can be resumed)
   data folder      build a dataset from your own folder of images + captions
   data show        draw a dataset split as a PNG grid with captions
   tokenizer train  train the BPE caption tokenizer on a dataset
+  train-dvae       train the discrete VAE (stage 1); rerun to resume
   config           print a preset's resolved config (with --set overrides)
 """
 
@@ -25,6 +26,7 @@ examples:
   dalle-jax data shapes --out runs/data --num 2000
   dalle-jax data show runs/data --split validation --out runs/shapes.png
   dalle-jax tokenizer train --data runs/data --out runs/tokenizer.json --vocab-size 512 --text-len 24
+  dalle-jax train-dvae --run runs/demo --preset demo
   dalle-jax config --preset demo --set dvae_train.batch_size=64
 
 `dalle-jax <stage> --help` explains each stage.
@@ -84,6 +86,7 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "demo
 
 def build_parser() -> argparse.ArgumentParser:
     from dalle_jax.data import folder, shapes, tokenizer
+    from dalle_jax.train import dvae as train_dvae
 
     parser = argparse.ArgumentParser(prog="dalle-jax", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_show)
 
     tokenizer.register_cli(stages)
+    train_dvae.register_cli(stages)
 
     config = stages.add_parser("config", help="print or save a preset's resolved config",
                                description="Resolves a preset plus --set overrides, validates it, prints JSON.",
@@ -117,8 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging() -> None:
+    """Our INFO lines (resume, fallbacks, summaries) to stderr, whatever absl did to the root logger."""
+    import logging
+
+    logger = logging.getLogger("dalle_jax")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

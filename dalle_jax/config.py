@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dalle_jax.models.dvae import DVAEConfig
-
-MESH_AXES = ("data", "fsdp", "tensor")
+from dalle_jax.sharding import MESH_AXES
 
 # Logical axis name -> mesh axes. One table for every model; change it (or the mesh) to move between
 # data parallel, FSDP and tensor parallel without touching model code.

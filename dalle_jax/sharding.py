@@ -13,13 +13,16 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dalle_jax.config import MESH_AXES, MeshConfig
+if TYPE_CHECKING:
+    from dalle_jax.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = Sequence[tuple[str, Sequence[str] | str | None]]
 LogicalAxes = Sequence[str | None]
@@ -258,21 +261,25 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def create_sharded(model_fn: Any, mesh: Mesh, rules: Rules) -> Any:
+def create_sharded(model_fn: Any, mesh: Mesh, rules: Rules, seed: int = 0) -> Any:
     """Builds an NNX model with every parameter born sharded on `mesh` (never whole on one device).
 
     The model is traced abstractly first (nothing allocated) to learn shapes and logical axes; the real
-    initialisation then runs under `jax.jit` with those output shardings. Flax's eager sharding is off while
-    doing so because our logical names are mapped by `rules`, not by Flax's global context.
+    initialisation then runs under `jax.jit` with those output shardings, drawing its normals from one pooled
+    buffer keyed by `seed` (see models/init.py). Flax's eager sharding is off while doing so because our
+    logical names are mapped by `rules`, not by Flax's global context.
     """
     from flax import nnx
 
+    from dalle_jax.models.init import build_pooled
+
     with nnx.use_eager_sharding(False):
         graphdef, abstract_state = nnx.split(nnx.eval_shape(model_fn))
-        shardings = state_shardings(abstract_state, mesh, rules)
+    shardings = state_shardings(abstract_state, mesh, rules)
 
-        def init():
-            return nnx.split(model_fn())[1]
+    def init():
+        with nnx.use_eager_sharding(False):
+            return nnx.split(build_pooled(model_fn, jax.random.key(seed)))[1]
 
-        state = jax.jit(init, out_shardings=shardings)()
+    state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)

@@ -20,7 +20,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dalle_jax.models.init import standard_normal
+from dalle_jax.sharding import constrain
+
 LOGIT_LAPLACE_EPS = 0.1
+ACTIVATION_AXES = ("batch", "height", "width", None)  # NHWC
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +79,7 @@ class Conv(nnx.Module):
         if kernel % 2 != 1:
             raise ValueError(f"kernel size {kernel} must be odd")
         std = 1.0 / math.sqrt(n_in * kernel**2)
-        self.w = nnx.Param(std * jax.random.normal(rngs.params(), (kernel, kernel, n_in, n_out), jnp.float32),
+        self.w = nnx.Param(std * standard_normal(rngs, (kernel, kernel, n_in, n_out)),
                            out_sharding=("height", "width", "conv_in", "conv_out"))
         self.b = nnx.Param(jnp.zeros((n_out,), jnp.float32), out_sharding=("conv_out",))
         self.dtype = dtype
@@ -117,7 +121,9 @@ class Group(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for block in self.blocks:
-            x = block(x)
+            # Activations stay batch-sharded: without this XLA may follow the FSDP-sharded conv_out of the
+            # weights into the channel dimension and re-gather around every conv.
+            x = constrain(block(x), ACTIVATION_AXES)
         return x
 
 
@@ -140,7 +146,7 @@ class Encoder(nnx.Module):
             x = group(x)
             if g < len(self.groups) - 1:
                 x = _pool(x, self.config.pooling)
-        return self.output(jax.nn.relu(x))
+        return constrain(self.output(jax.nn.relu(x)), ACTIVATION_AXES)
 
 
 class Decoder(nnx.Module):
@@ -168,7 +174,7 @@ class Decoder(nnx.Module):
             x = group(x)
             if g < len(self.groups) - 1:
                 x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest upsample x2
-        return self.output(jax.nn.relu(x)).astype(jnp.float32)
+        return constrain(self.output(jax.nn.relu(x)).astype(jnp.float32), ACTIVATION_AXES)
 
 
 class DVAE(nnx.Module):

@@ -1,0 +1,205 @@
+"""The training loop every trainer shares: sharded state, jitted step, EMA, checkpoints, resume, metrics.
+
+A trainer supplies a model constructor, a loss function and an optimizer; this module does the rest:
+
+    state = {"params", "ema_params", "opt_state", "step", "key"}     (a pytree of global jax.Arrays)
+
+`make_train_step` returns one jitted, donated update; `Loop.run` drives it with a data iterator, saves and
+restores checkpoints (with the iterator's state, so a resumed run sees exactly the batches it would have
+seen), stops cleanly on SIGTERM/SIGINT after saving, logs scalars, and calls an eval hook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dalle_jax import sharding
+from dalle_jax.models.init import build_pooled
+from dalle_jax.train.checkpoint import Checkpointer, PreemptionGuard
+from dalle_jax.train.metrics import MetricWriter
+
+log = logging.getLogger("dalle_jax.train")
+
+# loss_fn(model, batch, key, step) -> (scalar loss, dict of scalar metrics)
+LossFn = Callable[[nnx.Module, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
+
+
+def decay_mask(params: Any) -> Any:
+    """AdamW decays weight matrices and kernels, not biases or gains (the paper is silent; common practice)."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """EMA decay with warm-up, min(decay, (1 + t) / (10 + t)): early averages are not stuck at the random init.
+
+    Deviation: the paper states only the decay (0.999 dVAE, 0.99 prior); the warm-up matters for short runs
+    and is inert after ~10k steps at 0.999.
+    """
+    t = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+
+@dataclasses.dataclass
+class StateSpec:
+    """What a trainer needs to build, shard and restore its state."""
+
+    graphdef: Any
+    shardings: Any  # NamedSharding tree matching the state dict
+    abstract: Any  # ShapeDtypeStruct tree (with shardings) for restoring
+
+
+def init_state(model_fn: Callable[[], nnx.Module], optimizer: optax.GradientTransformation, mesh: Mesh,
+               rules: sharding.Rules, seed: int) -> tuple[dict, StateSpec]:
+    """Builds the model born sharded, its optimizer state and EMA, all laid out by the logical rules."""
+    with nnx.use_eager_sharding(False):
+        graphdef, abstract_params = nnx.split(nnx.eval_shape(model_fn), nnx.Param)
+    param_shardings = sharding.state_shardings(abstract_params, mesh, rules).to_pure_dict()
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def build():
+        with nnx.use_eager_sharding(False):
+            model = build_pooled(model_fn, jax.random.fold_in(jax.random.key(seed), 1))
+        params = nnx.state(model, nnx.Param).to_pure_dict()
+        return {"params": params, "ema_params": params, "opt_state": optimizer.init(params),
+                "step": jnp.zeros((), jnp.int32), "key": jax.random.key_data(jax.random.key(seed))}
+
+    abstract = jax.eval_shape(build)
+    # Optimizer moments mirror the params' shardings; scalars (counts) are replicated.
+    opt_shardings = _like_params(abstract["opt_state"], abstract["params"], param_shardings, replicated)
+    shardings = {"params": param_shardings, "ema_params": param_shardings, "opt_state": opt_shardings,
+                 "step": replicated, "key": replicated}
+    with jax.set_mesh(mesh):
+        state = jax.jit(build, out_shardings=shardings)()
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return state, StateSpec(graphdef=graphdef, shardings=shardings, abstract=abstract)
+
+
+def _like_params(opt_state: Any, params: Any, param_shardings: Any, replicated: NamedSharding) -> Any:
+    """Shardings for an optax state: any subtree shaped like the params gets the params' shardings."""
+    params_structure = jax.tree.structure(params)
+
+    def visit(node):
+        if jax.tree.structure(node) == params_structure:
+            return param_shardings
+        if isinstance(node, tuple) and hasattr(node, "_fields"):  # optax NamedTuple states
+            return type(node)(*(visit(child) for child in node))
+        if isinstance(node, (tuple, list)):
+            return type(node)(visit(child) for child in node)
+        if isinstance(node, dict):
+            return {k: visit(v) for k, v in node.items()}
+        return jax.tree.map(lambda _: replicated, node)
+
+    return visit(opt_state)
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, spec: StateSpec, mesh: Mesh,
+                    rules: sharding.Rules, batch_sharding: Any, ema_decay: float) -> Callable[[dict, dict],
+                                                                                        tuple[dict, dict]]:
+    """One jitted update: grads of `loss_fn`, optimizer step, EMA, step + 1. The state is donated."""
+
+    def step_fn(state: dict, batch: dict) -> tuple[dict, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+
+        def loss_of(params):
+            model = nnx.merge(spec.graphdef, nnx.State(params))
+            return loss_fn(model, batch, key, state["step"])
+
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        decay = ema_decay_at(state["step"], ema_decay)
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"], params)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        new_state = {"params": params, "ema_params": ema, "opt_state": opt_state, "step": state["step"] + 1,
+                     "key": state["key"]}
+        return new_state, metrics
+
+    jitted = jax.jit(step_fn, in_shardings=(spec.shardings, batch_sharding),
+                     out_shardings=(spec.shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+
+    def run(state: dict, batch: dict) -> tuple[dict, dict]:
+        with jax.set_mesh(mesh), sharding.axis_rules(rules):
+            return jitted(state, batch)
+
+    return run
+
+
+def merged_model(spec: StateSpec, params: Any) -> nnx.Module:
+    return nnx.merge(spec.graphdef, nnx.State(params))
+
+
+@dataclasses.dataclass
+class Loop:
+    """Runs `steps` updates with checkpoints every `save_every`, logs every `log_every`, evals every `eval_every`."""
+
+    run_dir: Path
+    steps: int
+    save_every: int
+    log_every: int
+    eval_every: int
+    keep: int = 3
+    name: str = "train"
+
+    def run(self, state: dict, spec: StateSpec, train_step: Callable, batches: Any, *, to_device: Callable,
+            batch_size: int, evaluate: Callable[[dict, int], dict] | None = None,
+            extra_scalars: Callable[[int], dict] | None = None, progress: bool = True) -> dict:
+        """Trains from the latest checkpoint (if any) to `steps`; returns the final state.
+
+        `batches` must have get_state/set_state (the Grain pipeline); `to_device` turns a host batch into
+        global arrays. `extra_scalars(step)` adds host-side values (schedules) to the logged metrics.
+        """
+        from tqdm.auto import tqdm
+
+        checkpoints = Checkpointer(self.run_dir / "checkpoints", save_every=self.save_every, keep=self.keep)
+        writer = MetricWriter(self.run_dir)
+        restored = checkpoints.restore_latest(spec.abstract)
+        start = 0
+        if restored is not None:
+            state, start = restored.state, int(restored.step)
+            if restored.data_iterator:
+                batches.set_state(restored.data_iterator)
+            log.info("%s: resumed from step %d (%s)", self.name, start, self.run_dir / "checkpoints")
+        bar = tqdm(total=self.steps, initial=start, desc=self.name, disable=not progress or jax.process_index() != 0,
+                   dynamic_ncols=True)
+        last_metrics: dict = {}
+        window_start, window_steps = time.perf_counter(), 0
+        step = start
+        with PreemptionGuard() as guard:
+            while step < self.steps:
+                state, metrics = train_step(state, to_device(next(batches)))
+                step += 1
+                window_steps += 1
+                bar.update(1)
+                if step % self.log_every == 0 or step == self.steps:
+                    elapsed = time.perf_counter() - window_start
+                    scalars = {**jax.device_get(metrics), **(extra_scalars(step) if extra_scalars else {}),
+                               "examples_per_s": window_steps * batch_size / max(elapsed, 1e-9)}
+                    last_metrics = writer.scalars(step, scalars)
+                    bar.set_postfix(loss=f"{last_metrics['loss']:.4f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if evaluate is not None and (step % self.eval_every == 0 or step == self.steps):
+                    last_metrics.update(writer.scalars(step, {f"eval/{k}": v for k, v in
+                                                              evaluate(state, step).items()}))
+                stop = guard.should_stop(step)
+                if checkpoints.should_save(step) or step == self.steps or stop:
+                    checkpoints.save(step, state, data_iterator=batches.get_state(),
+                                     meta={"step": step, "time": time.time()}, force=True)
+                if stop:
+                    log.warning("%s: stop requested (signal); saved step %d, exiting", self.name, step)
+                    break
+        bar.close()
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+        return {"state": state, "step": step, "metrics": last_metrics, "preempted": step < self.steps}

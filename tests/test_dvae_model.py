@@ -1,0 +1,131 @@
+"""The dVAE model, its loss terms and schedules (the reference comparison lives in test_convert_dvae.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dalle_jax.config import DVAETrainConfig
+from dalle_jax.models.dvae import DVAE, Decoder, DVAEConfig, Encoder, count_params, map_pixels, unmap_pixels
+from dalle_jax.models.init import build_pooled
+
+TINY = DVAEConfig(vocab_size=64, n_hid=16, n_init=8, group_count=3, blocks_per_group=1)
+
+
+def _model(config=TINY, seed=0):
+    with nnx.use_eager_sharding(False):
+        return build_pooled(lambda: DVAE(config, rngs=nnx.Rngs(seed)), jax.random.key(seed))
+
+
+def test_default_architecture_has_the_released_parameter_counts():
+    with nnx.use_eager_sharding(False):
+        encoder = nnx.eval_shape(lambda: Encoder(DVAEConfig(), rngs=nnx.Rngs(0)))
+        decoder = nnx.eval_shape(lambda: Decoder(DVAEConfig(), rngs=nnx.Rngs(0)))
+    assert count_params(encoder) == 53_786_240
+    assert count_params(decoder) == 43_829_766
+
+
+def test_shapes_and_token_lookup_equals_one_hot_conv():
+    rng = np.random.default_rng()
+    model = _model(seed=int(rng.integers(1 << 30)))
+    images = jnp.asarray(rng.uniform(size=(2, 32, 32, 3)), jnp.float32)
+
+    @nnx.jit
+    def run(model, images):
+        tokens = model.encode(images)
+        return (model.encoder(map_pixels(images)), tokens, model.decoder.decode_tokens(tokens),
+                model.decoder(jax.nn.one_hot(tokens, 64)), model.decode(tokens))
+
+    logits, tokens, via_lookup, via_conv, decoded = run(model, images)
+    assert logits.shape == (2, 8, 8, 64) and logits.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(tokens), np.argmax(np.asarray(logits), -1))
+    assert via_lookup.shape == (2, 32, 32, 6)
+    np.testing.assert_allclose(np.asarray(via_lookup), np.asarray(via_conv), rtol=1e-5, atol=1e-5)
+    assert float(decoded.min()) >= 0 and float(decoded.max()) <= 1
+
+
+def test_pooling_option_changes_the_encoder():
+    rng = np.random.default_rng()
+    images = jnp.asarray(rng.uniform(size=(1, 16, 16, 3)), jnp.float32)
+    max_model = _model(TINY)
+    avg_model = _model(DVAEConfig(**{**TINY.__dict__, "pooling": "avg"}))
+    encode = nnx.jit(lambda model, x: model.encoder(x))
+    a, b = encode(max_model, images), encode(avg_model, images)  # same seed: same weights
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="pooling"):
+        DVAEConfig(pooling="min")
+    with pytest.raises(ValueError, match="not divisible by the dVAE's downsampling factor 4"):
+        TINY.grid_size(30)
+
+
+def test_pixel_mapping_round_trips():
+    x = jnp.asarray(np.random.default_rng().uniform(size=(3, 5)), jnp.float32)
+    mapped = map_pixels(x)
+    assert float(mapped.min()) >= 0.1 - 1e-6 and float(mapped.max()) <= 0.9 + 1e-6
+    np.testing.assert_allclose(np.asarray(unmap_pixels(mapped)), np.asarray(x), atol=1e-6)
+
+
+def test_logit_laplace_density_integrates_to_one():
+    from dalle_jax.train.dvae import logit_laplace_nll
+
+    rng = np.random.default_rng()
+    mu, log_b = rng.normal(size=2) * np.array([1.0, 0.3])
+    x = np.linspace(1e-6, 1 - 1e-6, 400_001)
+    out = np.zeros(x.shape + (6,), np.float64)
+    out[:, :3], out[:, 3:] = mu, log_b
+    nll = np.asarray(jax.jit(logit_laplace_nll)(jnp.asarray(np.repeat(x[:, None], 3, 1), jnp.float32),
+                                                jnp.asarray(out, jnp.float32)))[:, 0].astype(np.float64)
+    density = np.exp(-nll)
+    assert abs(np.trapezoid(density, x) - 1.0) < 1e-3
+    # and it is the closed form at one point
+    i = 123_456
+    logit = np.log(x[i] / (1 - x[i]))
+    b = np.exp(log_b)
+    assert nll[i] == pytest.approx(np.abs(logit - mu) / b + np.log(2 * b * x[i] * (1 - x[i])), rel=1e-4, abs=1e-4)
+
+
+def test_schedules_follow_the_paper():
+    from dalle_jax.train.dvae import kl_weight_at, learning_rate_schedule, temperature_at
+
+    cfg = DVAETrainConfig()
+    at = lambda f, s: float(f(jnp.asarray(s), cfg))
+    assert at(kl_weight_at, 0) == 0 and at(kl_weight_at, 5000) == pytest.approx(6.6)
+    assert at(kl_weight_at, 2500) == pytest.approx(3.3, rel=1e-5) and at(kl_weight_at, 10**6) == pytest.approx(6.6)
+    assert at(temperature_at, 0) == pytest.approx(1.0) and at(temperature_at, 150_000) == pytest.approx(1 / 16)
+    assert at(temperature_at, 75_000) == pytest.approx((1 + 1 / 16) / 2, rel=1e-5)
+    lr = learning_rate_schedule(cfg)
+    assert float(lr(0)) == pytest.approx(1e-4) and float(lr(1_200_000)) == pytest.approx(1.25e-6, rel=1e-4)
+    linear = DVAETrainConfig(temperature_schedule="linear")
+    assert float(temperature_at(jnp.asarray(37_500), linear)) == pytest.approx(1 - 0.25 * (1 - 1 / 16), rel=1e-5)
+    short = cfg.scaled_to(12_000)
+    assert (short.kl_warmup_steps, short.temperature_steps, short.lr_decay_steps) == (50, 1500, 12_000)
+
+
+def test_codebook_usage():
+    from dalle_jax.train.dvae import codebook_usage
+
+    k = 16
+    uniform = codebook_usage(np.tile(np.arange(k), 10), k)
+    assert uniform["codebook_perplexity"] == pytest.approx(k) and uniform["codebook_used"] == 1.0
+    tokens = np.random.default_rng().integers(0, 4, size=1000)
+    counts = np.bincount(tokens, minlength=k) / 1000
+    expected = np.exp(-sum(p * np.log(p) for p in counts if p > 0))
+    usage = codebook_usage(tokens, k)
+    assert usage["codebook_perplexity"] == pytest.approx(expected) and usage["codebook_used"] == 4 / k
+
+
+def test_pooled_init_draws_each_conv_at_its_fan_in_scale():
+    model = _model(DVAEConfig(vocab_size=512, n_hid=64, n_init=32, group_count=2, blocks_per_group=1),
+                   seed=int(np.random.default_rng().integers(1 << 30)))
+    convs = [model.encoder.input, model.encoder.output, model.decoder.input,
+             *model.decoder.groups[0].blocks[0].res_path]
+    for conv in convs:
+        w = np.asarray(conv.w[...])
+        k, _, n_in, _ = w.shape
+        assert abs(w.mean()) < 4 * (1 / np.sqrt(n_in * k * k)) / np.sqrt(w.size)
+        assert w.std() == pytest.approx(1 / np.sqrt(n_in * k * k), rel=0.1)
+        np.testing.assert_array_equal(np.asarray(conv.b[...]), 0)
+    # each parameter gets its own slice of the pool: standardised draws differ between parameters
+    standardised = [np.asarray(c.w[...]).ravel()[:64] / np.asarray(c.w[...]).std() for c in convs]
+    assert all(not np.allclose(a, b) for i, a in enumerate(standardised) for b in standardised[i + 1:])
