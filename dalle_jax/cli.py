@@ -18,6 +18,8 @@ Stages (each reads a config preset, writes into a directory, and can be resumed)
   data show        draw a dataset split as a PNG grid with captions
   tokenizer train  train the BPE caption tokenizer on a dataset
   train-dvae       train the discrete VAE (stage 1); rerun to resume
+  encode           encode a dataset into dVAE tokens (the prior's training data)
+  reconstruct      encode + decode image files with a dVAE, side by side
   config           print a preset's resolved config (with --set overrides)
 """
 
@@ -85,6 +87,7 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "demo
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dalle_jax import encode
     from dalle_jax.data import folder, shapes, tokenizer
     from dalle_jax.train import dvae as train_dvae
 
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tokenizer.register_cli(stages)
     train_dvae.register_cli(stages)
+    encode.register_cli(stages)
 
     config = stages.add_parser("config", help="print or save a preset's resolved config",
                                description="Resolves a preset plus --set overrides, validates it, prints JSON.",

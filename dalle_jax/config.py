@@ -154,6 +154,11 @@ class DVAETrainConfig(TrainConfig):
     adam_eps: float = 1e-8
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
+    # Deviation (paper silent): EMA decay warms up as min(decay, (1+t)/(10+t)), so short runs do not
+    # evaluate an average still dominated by the random init; inert after ~10k steps at 0.999.
+    ema_warmup: bool = True
+    # Paper silent on which tensors AdamW decays; we follow common practice and skip biases.
+    decay_biases: bool = False
     likelihood: str = "logit_laplace"  # the paper's; "mse" for the ablation
     num_eval_images: int = 64  # held validation batch for codebook usage and reconstructions
 

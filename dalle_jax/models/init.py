@@ -69,9 +69,11 @@ def pooled_normals(key: jax.Array, total: int) -> Iterator[None]:
 def build_pooled(model_fn, key: jax.Array) -> nnx.Module:
     """Constructs `model_fn()` with all its `standard_normal` draws taken from one pooled buffer.
 
-    Counts the draws with an abstract pass first; works eagerly and under `jit` alike.
+    Counts the draws with an abstract pass first; works eagerly and under `jit` alike. Flax's eager sharding
+    is off: our parameters carry logical axis names, which `dalle_jax.sharding` maps to the mesh.
     """
-    with count_normals() as count:
-        jax.eval_shape(lambda: (model_fn(), None)[1])  # trace only; nothing is allocated
-    with pooled_normals(key, count.offset):
-        return model_fn()
+    with nnx.use_eager_sharding(False):
+        with count_normals() as count:
+            jax.eval_shape(lambda: (model_fn(), None)[1])  # trace only; nothing is allocated
+        with pooled_normals(key, count.offset):
+            return model_fn()

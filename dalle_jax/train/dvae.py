@@ -59,7 +59,7 @@ def learning_rate_schedule(cfg: DVAETrainConfig) -> optax.Schedule:
 
 def make_optimizer(cfg: DVAETrainConfig) -> optax.GradientTransformation:
     return optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-                       weight_decay=cfg.weight_decay, mask=loop.decay_mask)
+                       weight_decay=cfg.weight_decay, mask=None if cfg.decay_biases else loop.decay_mask)
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -171,7 +171,7 @@ def train_dvae(config: Config, run_dir: str | Path, *, progress: bool = True) ->
     batch_sharding = {k: sharding.named_sharding(mesh, sharding.batch_axes(len(s)), rules, s, "batch")
                       for k, s in batch_shape.items()}
     train_step = loop.make_train_step(lambda m, b, k, s: dvae_loss(m, b, k, s, cfg), optimizer, spec, mesh, rules,
-                                      batch_sharding, cfg.ema_decay)
+                                      batch_sharding, cfg.ema_decay, cfg.ema_warmup)
 
     validation = open_split(dataset_dir, "validation")
     held = [validation[i] for i in range(min(cfg.num_eval_images, len(validation)))]

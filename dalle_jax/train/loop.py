@@ -40,12 +40,14 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
-    """EMA decay with warm-up, min(decay, (1 + t) / (10 + t)): early averages are not stuck at the random init.
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool = True) -> jax.Array:
+    """EMA decay, with warm-up min(decay, (1 + t) / (10 + t)) so early averages are not stuck at the init.
 
-    Deviation: the paper states only the decay (0.999 dVAE, 0.99 prior); the warm-up matters for short runs
-    and is inert after ~10k steps at 0.999.
+    Deviation when `warmup`: the paper states only the decay (0.999 dVAE, 0.99 prior); the warm-up matters
+    for short runs and is inert after ~10k steps at 0.999.
     """
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
     t = step.astype(jnp.float32)
     return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
 
@@ -104,8 +106,8 @@ def _like_params(opt_state: Any, params: Any, param_shardings: Any, replicated: 
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, spec: StateSpec, mesh: Mesh,
-                    rules: sharding.Rules, batch_sharding: Any, ema_decay: float) -> Callable[[dict, dict],
-                                                                                        tuple[dict, dict]]:
+                    rules: sharding.Rules, batch_sharding: Any, ema_decay: float, ema_warmup: bool = True
+                    ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """One jitted update: grads of `loss_fn`, optimizer step, EMA, step + 1. The state is donated."""
 
     def step_fn(state: dict, batch: dict) -> tuple[dict, dict]:
@@ -118,7 +120,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sp
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        decay = ema_decay_at(state["step"], ema_decay)
+        decay = ema_decay_at(state["step"], ema_decay, ema_warmup)
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"], params)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
         new_state = {"params": params, "ema_params": ema, "opt_state": opt_state, "step": state["step"] + 1,

@@ -1,0 +1,63 @@
+"""The encode job (images -> token dataset) and reconstruct command, on a briefly trained dVAE."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from dalle_jax import config as config_lib
+from dalle_jax.cli import main
+from dalle_jax.convert.openai_dvae import load_dvae
+from dalle_jax.data.pipeline import dataset_dir_for, open_split
+from dalle_jax.encode import encode_dataset, reconstruct_files
+from dalle_jax.train.dvae import train_dvae
+
+OVERRIDES = ["dvae.group_count=2", "data.image_size=16", "data.num_train=48", "data.num_validation=20",
+             "data.num_test=0", "dvae_train.steps=2", "dvae_train.eval_every=100", "dvae_train.save_every=2"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    config = config_lib.resolve("quick", OVERRIDES)
+    train_dvae(config, run_dir, progress=False)
+    return run_dir, config
+
+
+def test_token_dataset_equals_encoding_each_image(run):
+    run_dir, config = run
+    data = dataset_dir_for(config.data, run_dir)
+    out = encode_dataset(run_dir, data, run_dir / "tokens", batch_size=16, progress=False)
+    dvae = load_dvae(run_dir)
+    for split in ("train", "validation"):
+        tokens, images = open_split(out, split), open_split(data, split)
+        assert len(tokens) == len(images)
+        by_id = {int(images[i]["id"]): images[i] for i in range(len(images))}
+        rows = [tokens[i] for i in range(len(tokens))]
+        assert sorted(int(r["id"]) for r in rows) == sorted(by_id)
+        batch = np.stack([by_id[int(r["id"])]["image"] for r in rows])
+        expected = np.asarray(dvae.encode(jnp.asarray(batch, jnp.float32) / 255.0))
+        got = np.stack([r["tokens"] for r in rows])
+        assert got.dtype == np.uint16 and got.shape == expected.shape == (len(rows), 8, 8)
+        np.testing.assert_array_equal(got, expected)
+        assert all(r["caption"] == by_id[int(r["id"])]["caption"] for r in rows)
+    info = out / "dataset_info.json"
+    before = info.stat().st_mtime_ns
+    assert encode_dataset(run_dir, data, run_dir / "tokens", batch_size=16, progress=False) == out
+    assert info.stat().st_mtime_ns == before  # reused, not rebuilt
+
+
+def test_reconstruct_reports_bad_files(run, tmp_path, capsys):
+    run_dir, _ = run
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng().integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    grid, problems = reconstruct_files(run_dir, [str(good), str(bad), str(tmp_path / "missing.jpg")],
+                                       tmp_path / "grid.png")
+    assert Image.open(grid).size[0] > 32
+    assert len(problems) == 2 and "bad.png" in problems[0] and "missing.jpg" in problems[1]
+    assert main(["reconstruct", "--run", str(run_dir), str(good), str(bad), "--out", str(tmp_path / "x.png")]) == 1
+    assert "skipped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no readable images"):
+        reconstruct_files(run_dir, [str(bad)], tmp_path / "none.png")
