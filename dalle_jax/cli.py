@@ -20,6 +20,7 @@ Stages (each reads a config preset, writes into a directory, and can be resumed)
   train-dvae       train the discrete VAE (stage 1); rerun to resume
   encode           encode a dataset into dVAE tokens (the prior's training data)
   reconstruct      encode + decode image files with a dVAE, side by side
+  convert openai-dvae  import OpenAI's released dVAE without executing its pickles
   config           print a preset's resolved config (with --set overrides)
 """
 
@@ -88,6 +89,7 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "demo
 
 def build_parser() -> argparse.ArgumentParser:
     from dalle_jax import encode
+    from dalle_jax.convert import openai_dvae
     from dalle_jax.data import folder, shapes, tokenizer
     from dalle_jax.train import dvae as train_dvae
 
@@ -115,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.register_cli(stages)
     train_dvae.register_cli(stages)
     encode.register_cli(stages)
+    convert = stages.add_parser("convert", help="import released weights (OpenAI's dVAE)",
+                                description="Import released weights into dalle-jax checkpoints, safely.")
+    openai_dvae.register_cli(convert.add_subparsers(dest="convert_command", metavar="<source>"))
 
     config = stages.add_parser("config", help="print or save a preset's resolved config",
                                description="Resolves a preset plus --set overrides, validates it, prints JSON.",

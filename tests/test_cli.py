@@ -14,7 +14,8 @@ def test_help_lists_every_stage(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for stage in ("data shapes", "data folder", "data show", "tokenizer train", "config", "train-dvae"):
+    for stage in ("data shapes", "data folder", "data show", "tokenizer train", "config", "train-dvae", "encode",
+                  "reconstruct", "convert openai-dvae"):
         assert stage in text
 
 
