@@ -35,35 +35,33 @@ class ShardingError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Mesh
 
+def _fill(shape: Sequence[int], total: int, name: str, unit: str, hint: str = "") -> tuple[int, ...]:
+    """Replaces a -1 entry so the product is `total`; raises with the numbers when it cannot be."""
+    shape = list(shape)
+    if -1 in shape:
+        known = math.prod(d for d in shape if d != -1)
+        if total % known:
+            raise ShardingError(f"mesh.{name}={tuple(shape)}: {total} {unit} are not divisible by the fixed "
+                                f"entries' product {known}")
+        shape[shape.index(-1)] = total // known
+    if math.prod(shape) != total:
+        raise ShardingError(f"mesh.{name}={tuple(shape)} has product {math.prod(shape)} but there are {total} "
+                            f"{unit}{hint}")
+    return tuple(shape)
+
+
 def resolve_mesh_shape(config: MeshConfig, num_devices: int, num_slices: int = 1) -> tuple[tuple[int, ...], ...]:
     """Fills the -1 entry and checks that the mesh covers exactly `num_devices` devices.
 
     Returns (ici_shape, dcn_shape); the full mesh shape is their element-wise product.
     """
-    ici, dcn = list(config.ici_parallelism), list(config.dcn_parallelism)
     if num_devices % num_slices:
         raise ShardingError(f"{num_devices} devices cannot form {num_slices} equal slices")
-    per_slice = num_devices // num_slices
-    if -1 in dcn:
-        known = math.prod(d for d in dcn if d != -1)
-        if num_slices % known:
-            raise ShardingError(f"mesh.dcn_parallelism={tuple(config.dcn_parallelism)}: {num_slices} slices "
-                                f"are not divisible by the fixed entries' product {known}")
-        dcn[dcn.index(-1)] = num_slices // known
-    if -1 in ici:
-        known = math.prod(d for d in ici if d != -1)
-        if per_slice % known:
-            raise ShardingError(f"mesh.ici_parallelism={tuple(config.ici_parallelism)}: {per_slice} devices per "
-                                f"slice are not divisible by the fixed entries' product {known}")
-        ici[ici.index(-1)] = per_slice // known
-    if math.prod(dcn) != num_slices:
-        raise ShardingError(f"mesh.dcn_parallelism={tuple(dcn)} has product {math.prod(dcn)} but there are "
-                            f"{num_slices} slices")
-    if math.prod(ici) != per_slice:
-        raise ShardingError(f"mesh.ici_parallelism={tuple(ici)} has product {math.prod(ici)} but there are "
-                            f"{per_slice} devices per slice ({num_devices} devices in all); use -1 in one entry "
-                            f"to fill, e.g. --set mesh.ici_parallelism=-1,1,1")
-    return tuple(ici), tuple(dcn)
+    dcn = _fill(config.dcn_parallelism, num_slices, "dcn_parallelism", "slices")
+    ici = _fill(config.ici_parallelism, num_devices // num_slices, "ici_parallelism", "devices per slice",
+                f" ({num_devices} devices in all); use -1 in one entry to fill, e.g. "
+                f"--set mesh.ici_parallelism=-1,1,1")
+    return ici, dcn
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
