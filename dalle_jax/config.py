@@ -193,14 +193,19 @@ class Config:
 # Presets
 
 def _demo() -> Config:
-    """Fits this 2-core CPU: 64 px shapes -> 8x8 tokens from a 512-code dVAE, short captions."""
+    """Fits this 2-core CPU: 32 px shapes -> 8x8 tokens from a 512-code dVAE, short captions.
+
+    Measured on the 2-core CPU (batch 32, fwd+bwd): 64 px with 4 groups costs ~4.4 s/step (XLA:CPU conv
+    weight-gradients are slow), 32 px with 3 groups ~0.65 s/step at n_hid 32. lr 1e-3 made gradient norms
+    explode (>200); 3e-4 is used. The recipe is still being tuned for short runs (see issue notes).
+    """
     return Config(
         name="demo",
-        data=DataConfig(image_size=64, num_train=10000, num_validation=1000, num_test=1000),
+        data=DataConfig(image_size=32, num_train=10000, num_validation=1000, num_test=1000),
         text=TextConfig(vocab_size=512, text_len=24),
-        dvae=DVAEConfig(vocab_size=512, n_hid=32, n_init=32, group_count=4, blocks_per_group=1),
+        dvae=DVAEConfig(vocab_size=512, n_hid=32, n_init=32, group_count=3, blocks_per_group=1),
         dvae_train=DVAETrainConfig(batch_size=32, log_every=50, eval_every=500, save_every=250).scaled_to(
-            2000, learning_rate=1e-3, learning_rate_end=1e-4),
+            2000, learning_rate=3e-4, learning_rate_end=3e-5),
     )
 
 
