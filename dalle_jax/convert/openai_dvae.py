@@ -458,7 +458,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Adds `openai-dvae` (convert OpenAI's released dVAE) to the `convert` group's sub-parsers."""
     parser = subparsers.add_parser(
         "openai-dvae", help="import OpenAI's released dVAE (encoder.pkl, decoder.pkl) safely",
-        description="Converts OpenAI's released DALL-E dVAE into a dalle-jax dVAE directory, checking every "
+        description="Converts OpenAI's released DALL-E dVAE into a dalle-jax dVAE directory, checking every\n"
                     "tensor's name and shape against the architecture inferred from the files.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", required=True, help="encoder.pkl (or an encoder state dict)")
