@@ -86,9 +86,15 @@ class Conv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, in) -> (B, H, W, out)
         dtype = jnp.dtype(self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x.astype(dtype), self.w[...].astype(dtype), window_strides=(1, 1), padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+        w = self.w[...].astype(dtype)
+        if w.shape[0] == 1:
+            # A 1x1 conv is a matmul; XLA:CPU runs it ~3x faster as one (the 2048->8192 output conv: 22 vs
+            # 63 GFLOP/s), with the same result. Equality with the reference is tested in test_convert_dvae.
+            y = jnp.einsum("bhwc,co->bhwo", x.astype(dtype), w[0, 0], preferred_element_type=jnp.float32)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(dtype), w, window_strides=(1, 1), padding="SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
         return y + self.b[...]
 
 
