@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,8 @@ from dalle_jax import config as config_lib
 from dalle_jax import sharding
 from dalle_jax.config import Config, DVAETrainConfig
 from dalle_jax.data.pipeline import Pipeline, dataset_dir_for, device_batch, open_split
-from dalle_jax.models.dvae import DVAE, DVAEConfig, map_pixels, reconstruct
+from dalle_jax.models.dvae import DVAE, map_pixels, reconstruct
 from dalle_jax.train import loop
-
-log = logging.getLogger("dalle_jax.train")
-
 
 # ------------------------------------------------------------------------------------------------ schedules
 
@@ -193,13 +189,6 @@ def train_dvae(config: Config, run_dir: str | Path, *, progress: bool = True) ->
                         extra_scalars=schedules, progress=progress)
     return {"step": result["step"], "metrics": result["metrics"], "preempted": result["preempted"],
             "run_dir": str(out)}
-
-
-def load_model_config(dvae_dir: str | Path) -> DVAEConfig:
-    path = Path(dvae_dir) / "dvae_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {dvae_dir} a dVAE run directory (dalle-jax train-dvae)?")
-    return DVAEConfig(**json.loads(path.read_text()))
 
 
 def register_cli(subparsers: Any) -> None:
