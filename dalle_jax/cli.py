@@ -52,14 +52,14 @@ def find_dataset_dir(path: str | Path) -> Path:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from dalle_jax.data.pipeline import open_split
+    from dalle_jax.data.pipeline import caption_text, open_split
     from dalle_jax.images import save_grid
 
     source = open_split(find_dataset_dir(args.dataset), args.split)
     count = min(args.num, len(source))
     examples = [source[i] for i in range(count)]
     examples.sort(key=lambda e: int(e["id"]))
-    captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else e["caption"] for e in examples]
+    captions = [caption_text(e["caption"]) for e in examples]
     out = save_grid(args.out, [e["image"] for e in examples], captions, columns=args.columns, scale=args.scale)
     print(f"wrote {out} ({count} of {len(source)} {args.split} examples)")
     return 0

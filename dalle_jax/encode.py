@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dalle_jax import config as config_lib
 from dalle_jax import sharding
 from dalle_jax.convert.openai_dvae import find_dvae_dir, load_dvae
-from dalle_jax.data.pipeline import DatasetError, Pipeline, dataset_dir_for, device_batch, open_split
+from dalle_jax.data.pipeline import DatasetError, Pipeline, caption_text, dataset_dir_for, device_batch, open_split
 from dalle_jax.data.tokens import TokenSpec, token_builder
 from dalle_jax.models.dvae import DVAE
 
@@ -85,7 +85,7 @@ def encode_dataset(dvae_dir: str | Path, dataset_dir: str | Path, out_dir: str |
             # every host passes its rows; the gathered codes are all hosts' rows in process order
             local = np.asarray(codes).reshape(jax.process_count(), -1, *codes.shape[1:])[jax.process_index()]
             tokens.extend(local[valid].astype(np.uint16))
-            captions.extend(c.decode() if isinstance(c, bytes) else str(c) for c in host_batch["caption"][valid])
+            captions.extend(caption_text(c) for c in host_batch["caption"][valid])
             ids.extend(int(i) for i in host_batch["id"][valid])
         encoded[split] = {"tokens": tokens, "caption": captions, "id": ids}
         log.info("encode: %s: %d images -> %s tokens", split, len(ids), tokens[0].shape if tokens else "-")

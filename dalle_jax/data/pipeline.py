@@ -52,6 +52,11 @@ def open_split(dataset_dir: str | Path, split: str) -> Any:
     return builder.as_data_source(split)
 
 
+def caption_text(caption: bytes | str) -> str:
+    """A caption as TFDS hands it back (`Text` features come back as bytes) -> str."""
+    return caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+
+
 def text_transform(tokenizer: Any, training: bool) -> ExampleTransform:
     """Image + caption example -> {"image": uint8 (S, S, 3), "text": int32 (L,), "id"}.
 
@@ -59,10 +64,7 @@ def text_transform(tokenizer: Any, training: bool) -> ExampleTransform:
     a resumed run tokenises exactly as the uninterrupted one.
     """
     def transform(example: dict, rng: np.random.Generator) -> dict:
-        caption = example["caption"]
-        if isinstance(caption, bytes):
-            caption = caption.decode("utf-8")
-        text = tokenizer.encode([caption], training=training, rng=rng)[0]
+        text = tokenizer.encode([caption_text(example["caption"])], training=training, rng=rng)[0]
         return {"image": np.asarray(example["image"], np.uint8), "text": text.astype(np.int32),
                 "id": np.int64(example["id"])}
 

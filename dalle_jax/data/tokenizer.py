@@ -339,14 +339,14 @@ def captions_from_dataset(dataset_dir: str, split: str = "train", chunk_size: in
     import tensorflow_datasets as tfds  # heavy import, only needed here
     from tqdm.auto import tqdm
 
+    from dalle_jax.data.pipeline import caption_text
+
     source = tfds.builder_from_directory(dataset_dir).as_data_source(split)
     captions: list[str] = []
     with tqdm(total=len(source), desc=f"reading captions ({split})", unit="caption") as progress:
         for start in range(0, len(source), chunk_size):
             indices = list(range(start, min(start + chunk_size, len(source))))
-            for example in source.__getitems__(indices):
-                caption = example["caption"]
-                captions.append(caption.decode("utf-8") if isinstance(caption, bytes) else str(caption))
+            captions.extend(caption_text(example["caption"]) for example in source.__getitems__(indices))
             progress.update(len(indices))
     return captions
 

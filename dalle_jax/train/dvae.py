@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dalle_jax import config as config_lib
 from dalle_jax import sharding
 from dalle_jax.config import Config, DVAETrainConfig
-from dalle_jax.data.pipeline import Pipeline, dataset_dir_for, device_batch, open_split
+from dalle_jax.data.pipeline import Pipeline, caption_text, dataset_dir_for, device_batch, open_split
 from dalle_jax.models.dvae import DVAE, map_pixels, reconstruct
 from dalle_jax.train import loop
 
@@ -173,7 +173,7 @@ def train_dvae(config: Config, run_dir: str | Path, *, progress: bool = True) ->
     held = [validation[i] for i in range(min(cfg.num_eval_images, len(validation)))]
     held.sort(key=lambda e: int(e["id"]))
     eval_images = np.stack([e["image"] for e in held])
-    captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"]) for e in held]
+    captions = [caption_text(e["caption"]) for e in held]
     evaluate = make_eval(spec, mesh, eval_images, captions, out, model_cfg.vocab_size,
                          score_shapes=config.data.dataset == "shapes")
     lr = learning_rate_schedule(cfg)
