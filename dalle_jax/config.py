@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dalle_jax.models.dvae import DVAEConfig
+from dalle_jax.models.transformer import PriorConfig
 from dalle_jax.sharding import MESH_AXES
 
 # Logical axis name -> mesh axes. One table for every model; change it (or the mesh) to move between
@@ -160,6 +161,22 @@ class DVAETrainConfig(TrainConfig):
     # Paper silent on which tensors AdamW decays; we follow common practice and skip biases.
     decay_biases: bool = False
     likelihood: str = "logit_laplace"  # the paper's; "mse" for the ablation
+    # Deviation option (paper: plain Gumbel-softmax): decoder sees hard one-hot codes, gradients flow through
+    # the relaxation (straight-through Gumbel-softmax).
+    straight_through: bool = False
+    # Deviation option (paper: 0): weight of KL(batch-mean posterior || uniform) per pixel-channel, a
+    # codebook-diversity term (wav2vec 2.0) against the collapse short runs on sparse images fall into.
+    diversity_weight: float = 0.0
+    # Deviation option (paper: 1): multiplies the encoder logits in training (argmax, hence encoding, is
+    # unchanged). At init the logits vary across image content ~0.17 nats against Gumbel noise of std 1.28,
+    # so short runs never see informative codes; a scale lifts the code signal above the noise from step 0.
+    logit_scale: float = 1.0
+    # Experimental (paper: 1): scales the Gumbel noise of the relaxation; 0 = deterministic softmax(logits / tau).
+    gumbel_scale: float = 1.0
+    # Deviation option (paper silent): add uniform noise within each 8-bit level before the likelihood. On
+    # synthetic images with exactly constant backgrounds the logit-Laplace density is unbounded (ln b -> -inf
+    # on a pixel that never varies), which swamps everything else; dequantisation bounds it.
+    dequantize: bool = False
     num_eval_images: int = 64  # held validation batch for codebook usage and reconstructions
 
     def __post_init__(self):
@@ -180,6 +197,47 @@ class DVAETrainConfig(TrainConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class PriorTrainConfig(TrainConfig):
+    """The paper's prior recipe (section 2.4 / appendix B)."""
+
+    batch_size: int = 1024
+    steps: int = 430_000
+    learning_rate: float = 4.5e-4
+    warmup_steps: int = 5000  # linear from 0
+    # "plateau" (paper): halve the lr when the training loss stops improving; "cosine" decays to
+    # learning_rate * lr_end_fraction at `steps`; "constant" after warm-up.
+    lr_schedule: str = "plateau"
+    plateau_patience: int = 10  # checks without improvement (a check averages plateau_window steps)
+    plateau_window: int = 1000
+    lr_end_fraction: float = 0.1
+    adam_b1: float = 0.9
+    adam_b2: float = 0.96
+    adam_eps: float = 1e-8
+    weight_decay: float = 4.5e-2  # not on gains, biases or embeddings
+    clip_norm: float = 4.0
+    ema_decay: float = 0.99
+    ema_warmup: bool = True  # see DVAETrainConfig.ema_warmup
+    microbatches: int = 1  # gradient accumulation inside the jitted step
+    text_loss_weight: float = 1.0 / 8  # image weight is 1 - this
+    # Deviation for the sampler's classifier-free guidance (not in the paper): replace the caption by pads
+    # with this probability, so the model also learns p(image).
+    caption_dropout: float = 0.0
+    eval_batches: int = 8  # validation batches per evaluation (0 = the whole split)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lr_schedule not in ("plateau", "cosine", "constant"):
+            raise ConfigError(f"prior_train.lr_schedule='{self.lr_schedule}': plateau, cosine or constant")
+        if not 0.0 <= self.text_loss_weight <= 1.0:
+            raise ConfigError(f"prior_train.text_loss_weight={self.text_loss_weight} must be in [0, 1]")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"prior_train.caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if self.microbatches < 1 or self.batch_size % self.microbatches:
+            raise ConfigError(f"prior_train.microbatches={self.microbatches} must divide batch_size="
+                              f"{self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     name: str = "default"
     mesh: MeshConfig = MeshConfig()
@@ -187,6 +245,17 @@ class Config:
     text: TextConfig = TextConfig()
     dvae: DVAEConfig = DVAEConfig()
     dvae_train: DVAETrainConfig = DVAETrainConfig()
+    prior: PriorConfig = PriorConfig()
+    prior_train: PriorTrainConfig = PriorTrainConfig()
+
+    def __post_init__(self):
+        # The prior's vocabularies and grid are derived, never set by hand: one source of truth each
+        # (text.* for the tokenizer, dvae.vocab_size, data.image_size / the dVAE's downsampling).
+        downsample = self.dvae.downsample
+        grid = self.data.image_size // downsample if self.data.image_size % downsample == 0 else 1
+        derived = dict(text_vocab_size=self.text.vocab_size, text_len=self.text.text_len, pad_mode=self.text.pad_mode,
+                       image_vocab_size=self.dvae.vocab_size, grid_size=grid)
+        object.__setattr__(self, "prior", dataclasses.replace(self.prior, **derived))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -75,3 +75,62 @@ def save_grid(path: str | Path, images: Sequence[np.ndarray], captions: Sequence
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(images, captions, **kwargs).save(path)
     return path
+
+
+CURVE_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (127, 127, 127), (148, 103, 189), (255, 127, 14))
+
+
+def plot_curves(out: str | Path, run_dir: str | Path, keys: Sequence[str], *, title: str = "",
+                size: tuple[int, int] = (640, 400)) -> Path | None:
+    """Line plot of `keys` from run_dir/metrics.jsonl against step, as a PNG (no plotting library needed).
+
+    Keys absent from the file are skipped; returns None when none is present.
+    """
+    from dalle_jax.train.metrics import read_metrics
+
+    rows = read_metrics(run_dir)
+    series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    width, height = size
+    left, right, top, bottom = 60, 16, 28, 40 + 14 * len(series)
+    steps = [s for v in series.values() for s, _ in v]
+    values = [y for v in series.values() for _, y in v]
+    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    y0, y1 = min(values), max(values)
+    y0, y1 = (y0 - 0.05 * (y1 - y0 or 1), y1 + 0.05 * (y1 - y0 or 1))
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font = _font(11)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        return left + (step - x0) / (x1 - x0) * plot_w, top + (1 - (value - y0) / (y1 - y0)) * plot_h
+
+    draw.rectangle((left, top, left + plot_w, top + plot_h), outline=(0, 0, 0))
+    for i in range(5):
+        value = y0 + (y1 - y0) * i / 4
+        _, y = xy(x0, value)
+        draw.line((left - 4, y, left, y), fill=(0, 0, 0))
+        draw.text((4, y - 6), f"{value:.3g}", fill=(0, 0, 0), font=font)
+        step = x0 + (x1 - x0) * i / 4
+        x, _ = xy(step, y0)
+        draw.line((x, top + plot_h, x, top + plot_h + 4), fill=(0, 0, 0))
+        draw.text((x - 12, top + plot_h + 6), f"{step:.0f}", fill=(0, 0, 0), font=font)
+    draw.text((left, 8), title or "metrics", fill=(0, 0, 0), font=font)
+    draw.text((left + plot_w - 30, top + plot_h + 6 + 12), "step", fill=(0, 0, 0), font=font)
+    for i, (key, points) in enumerate(series.items()):
+        color = CURVE_COLORS[i % len(CURVE_COLORS)]
+        coords = [xy(s, v) for s, v in points]
+        if len(coords) > 1:
+            draw.line(coords, fill=color, width=2)
+        for x, y in coords if len(coords) < 30 else coords[-1:]:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
+        legend_y = top + plot_h + 34 + 14 * i
+        draw.line((left, legend_y + 6, left + 20, legend_y + 6), fill=color, width=2)
+        draw.text((left + 26, legend_y), key, fill=(0, 0, 0), font=font)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    return out

@@ -106,25 +106,54 @@ def _like_params(opt_state: Any, params: Any, param_shardings: Any, replicated: 
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, spec: StateSpec, mesh: Mesh,
-                    rules: sharding.Rules, batch_sharding: Any, ema_decay: float, ema_warmup: bool = True
+                    rules: sharding.Rules, batch_sharding: Any, ema_decay: float, ema_warmup: bool = True,
+                    microbatches: int = 1, prepare: Callable[[dict], dict] | None = None,
+                    state_metrics: Callable[[dict], dict] | None = None
                     ) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """One jitted update: grads of `loss_fn`, optimizer step, EMA, step + 1. The state is donated."""
+    """One jitted update: grads of `loss_fn`, optimizer step, EMA, step + 1. The state is donated.
+
+    With `microbatches` k > 1 the batch is split into k interleaved microbatches (rows j, j+k, ...: each stays
+    spread over every data-parallel device) and gradients are summed in a `lax.scan`, so memory holds one
+    microbatch of activations. `loss_fn` must then return contributions that *sum* to the batch's loss and
+    metrics: `prepare(batch)` runs first on the whole batch and can add the global normalisers it needs
+    (e.g. token counts). Microbatch j gets the key fold_in(step key, j). The optimizer's update gets the loss
+    as `value` (reduce_on_plateau reads it); `state_metrics(new_state)` adds metrics read off the state.
+    """
 
     def step_fn(state: dict, batch: dict) -> tuple[dict, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
+        if prepare is not None:
+            batch = prepare(batch)
 
-        def loss_of(params):
-            model = nnx.merge(spec.graphdef, nnx.State(params))
-            return loss_fn(model, batch, key, state["step"])
+        def loss_and_grads(params, micro, micro_key):
+            def loss_of(p):
+                model = nnx.merge(spec.graphdef, nnx.State(p))
+                return loss_fn(model, micro, micro_key, state["step"])
 
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+            return jax.value_and_grad(loss_of, has_aux=True)(params)
+
+        if microbatches == 1:
+            (loss, metrics), grads = loss_and_grads(state["params"], batch, key)
+        else:
+            split = jax.tree.map(lambda x: _split_microbatches(x, microbatches), batch)
+
+            def accumulate(total, xs):
+                j, micro = xs
+                value = loss_and_grads(state["params"], micro, jax.random.fold_in(key, j))
+                return jax.tree.map(jnp.add, total, value), None
+
+            zeros = jax.eval_shape(lambda: loss_and_grads(state["params"], jax.tree.map(lambda x: x[0], split), key))
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zeros)
+            ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), split))
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"], value=loss)
         params = optax.apply_updates(state["params"], updates)
         decay = ema_decay_at(state["step"], ema_decay, ema_warmup)
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"], params)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
         new_state = {"params": params, "ema_params": ema, "opt_state": opt_state, "step": state["step"] + 1,
                      "key": state["key"]}
+        if state_metrics is not None:
+            metrics = {**metrics, **state_metrics(new_state)}
         return new_state, metrics
 
     jitted = jax.jit(step_fn, in_shardings=(spec.shardings, batch_sharding),
@@ -135,6 +164,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sp
             return jitted(state, batch)
 
     return run
+
+
+def _split_microbatches(x: jax.Array, k: int) -> jax.Array:
+    """(B, ...) -> (k, B/k, ...) with microbatch j = rows j, j+k, ...; scalars are passed to every microbatch."""
+    if x.ndim == 0:
+        return jnp.broadcast_to(x, (k,))
+    if x.shape[0] % k:
+        raise ValueError(f"batch of {x.shape[0]} does not split into {k} microbatches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
 
 def merged_model(spec: StateSpec, params: Any) -> nnx.Module:
@@ -155,11 +193,13 @@ class Loop:
 
     def run(self, state: dict, spec: StateSpec, train_step: Callable, batches: Any, *, to_device: Callable,
             batch_size: int, evaluate: Callable[[dict, int], dict] | None = None,
-            extra_scalars: Callable[[int], dict] | None = None, progress: bool = True) -> dict:
+            extra_scalars: Callable[[int], dict] | None = None, progress: bool = True,
+            tokens_per_example: int | None = None) -> dict:
         """Trains from the latest checkpoint (if any) to `steps`; returns the final state.
 
         `batches` must have get_state/set_state (the Grain pipeline); `to_device` turns a host batch into
-        global arrays. `extra_scalars(step)` adds host-side values (schedules) to the logged metrics.
+        global arrays. `extra_scalars(step)` adds host-side values (schedules) to the logged metrics;
+        `tokens_per_example` adds tokens_per_s.
         """
         from tqdm.auto import tqdm
 
@@ -187,6 +227,8 @@ class Loop:
                     elapsed = time.perf_counter() - window_start
                     scalars = {**jax.device_get(metrics), **(extra_scalars(step) if extra_scalars else {}),
                                "examples_per_s": window_steps * batch_size / max(elapsed, 1e-9)}
+                    if tokens_per_example:
+                        scalars["tokens_per_s"] = scalars["examples_per_s"] * tokens_per_example
                     last_metrics = writer.scalars(step, scalars)
                     bar.set_postfix(loss=f"{last_metrics['loss']:.4f}")
                     window_start, window_steps = time.perf_counter(), 0

@@ -1,0 +1,284 @@
+"""The DALL·E prior: a decoder-only sparse transformer over [text | image] tokens, in Flax NNX.
+
+Layout and masks: see `dalle_jax.models.masks` (position 0 is a learned start vector, positions 1..T hold the
+text ids, T+1.. the image tokens but the last; position p predicts token p of [text | image]).
+
+Embeddings: text id + text position (one learned pad id per position comes from the tokenizer's id space);
+image token + row + column. Pre-norm blocks (attention + 4x GELU MLP), residual projections initialised with
+std 0.02 / sqrt(2 n_layers). Separate fp32 text and image heads.
+
+Layers are stacked (a leading "layers" axis on every block parameter) and applied with `lax.scan`; each layer
+picks its mask from a small stack by index, so 64 layers compile like one. Every parameter carries logical axis
+names and activations are constrained by name, so data / FSDP / tensor parallelism is only a change of rules.
+
+One attention function serves training, prefill and decoding: it takes an optional KV cache
+(k, v: (layers, B, L, heads, head_dim)) and the absolute position of the first query, writes the new keys and
+values at that position and returns the updated cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dalle_jax.models import masks as masks_lib
+from dalle_jax.models.init import standard_normal
+from dalle_jax.sharding import constrain
+
+RESIDUAL = ("batch", "length", None)
+HEADS = ("batch", "length", "heads", None)
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorConfig:
+    """Architecture. Defaults are the paper's 12B model.
+
+    Inside a `Config` the vocabulary, text length, pad mode and grid fields are derived from the text, dvae and
+    data sections (see `Config.__post_init__`); set those there.
+    """
+
+    text_vocab_size: int = 16384  # BPE ids; pad ids come on top (see text_rows)
+    text_len: int = 256
+    # "per_position" (paper): one learned pad per text position; "shared": one pad id (the ablation).
+    pad_mode: str = "per_position"
+    image_vocab_size: int = 8192
+    grid_size: int = 32
+    d_model: int = 3968
+    n_layers: int = 64
+    n_heads: int = 62
+    head_dim: int = 64
+    mlp_ratio: int = 4
+    attention: str = "sparse"  # the paper's row/column/conv schedule; "dense" for the ablation (see masks.py)
+    last_layer_conv: bool = True  # False: the conv-mask ablation
+    conv_kernel: int = 11  # at a 32x32 grid; small presets scale it down
+    dropout: float = 0.0
+    compute_dtype: str = "float32"  # "bfloat16" for TPU; params, softmax, LN and logits stay fp32
+    remat: str = "none"  # none | full | dots
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.pad_mode not in ("per_position", "shared"):
+            raise ValueError(f"prior.pad_mode='{self.pad_mode}': choose 'per_position' or 'shared'")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"prior.remat='{self.remat}': choose one of {sorted(REMAT_POLICIES)}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"prior.compute_dtype='{self.compute_dtype}': float32 or bfloat16")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"prior.dropout={self.dropout} must be in [0, 1)")
+        masks_lib.layer_schedule(self.n_layers, self.attention, self.last_layer_conv)  # validates attention
+
+    @property
+    def text_rows(self) -> int:
+        """Rows of the text embedding: BPE ids + pads (matches TextTokenizer.embedding_size)."""
+        return self.text_vocab_size + (self.text_len if self.pad_mode == "per_position" else 1)
+
+    @property
+    def image_len(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_len
+
+    def masks(self) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+        return masks_lib.mask_stack(self.n_layers, self.text_len, self.grid_size, self.grid_size,
+                                    attention=self.attention, last_layer_conv=self.last_layer_conv,
+                                    conv_kernel=self.conv_kernel)
+
+
+@functools.lru_cache(maxsize=8)
+def _masks_for(config: PriorConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The config's mask stack and per-layer index: constants rebuilt from the config, never checkpointed."""
+    masks, layer_index, _ = config.masks()
+    return masks, layer_index
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple) -> nnx.Param:
+    value = std * standard_normal(rngs, shape) if std else jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value, out_sharding=axes)
+
+
+def _ones(shape: tuple[int, ...], axes: tuple) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, jnp.float32), out_sharding=axes)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-5) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+class Prior(nnx.Module):
+    def __init__(self, config: PriorConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c, std = config, config.init_std
+        d, n, h, k, f = c.d_model, c.n_layers, c.n_heads, c.head_dim, c.d_model * c.mlp_ratio
+        out_std = std / math.sqrt(2 * n)  # scaled init of the residual projections (GPT-2 style)
+        self.start_embed = _param(rngs, (d,), std, ("embed",))
+        self.text_embed = _param(rngs, (c.text_rows, d), std, ("vocab", "embed"))
+        self.text_pos = _param(rngs, (c.text_len, d), std, (None, "embed"))
+        self.image_embed = _param(rngs, (c.image_vocab_size, d), std, ("vocab", "embed"))
+        self.row_embed = _param(rngs, (c.grid_size, d), std, (None, "embed"))
+        self.col_embed = _param(rngs, (c.grid_size, d), std, (None, "embed"))
+        L = "layers"
+        self.layers = nnx.Dict(
+            ln1_scale=_ones((n, d), (L, "embed")), ln1_bias=_param(rngs, (n, d), 0, (L, "embed")),
+            wq=_param(rngs, (n, d, h, k), std, (L, "embed", "heads", "kv")),
+            wk=_param(rngs, (n, d, h, k), std, (L, "embed", "heads", "kv")),
+            wv=_param(rngs, (n, d, h, k), std, (L, "embed", "heads", "kv")),
+            bq=_param(rngs, (n, h, k), 0, (L, "heads", "kv")),
+            bk=_param(rngs, (n, h, k), 0, (L, "heads", "kv")),
+            bv=_param(rngs, (n, h, k), 0, (L, "heads", "kv")),
+            wo=_param(rngs, (n, h, k, d), out_std, (L, "heads", "kv", "embed")),
+            bo=_param(rngs, (n, d), 0, (L, "embed")),
+            ln2_scale=_ones((n, d), (L, "embed")), ln2_bias=_param(rngs, (n, d), 0, (L, "embed")),
+            w1=_param(rngs, (n, d, f), std, (L, "embed", "mlp")), b1=_param(rngs, (n, f), 0, (L, "mlp")),
+            w2=_param(rngs, (n, f, d), out_std, (L, "mlp", "embed")), b2=_param(rngs, (n, d), 0, (L, "embed")),
+        )
+        self.final_scale = _ones((d,), ("embed",))
+        self.final_bias = _param(rngs, (d,), 0, ("embed",))
+        self.text_head = _param(rngs, (d, c.text_vocab_size), std, ("embed", "vocab"))
+        self.image_head = _param(rngs, (d, c.image_vocab_size), std, ("embed", "vocab"))
+
+    # ---------------------------------------------------------------------------------------------- inputs
+
+    def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """tokens (B, S) int at absolute `positions` (S,) -> (B, S, d) fp32 (the token at position 0 is ignored)."""
+        c = self.config
+        is_text = positions <= c.text_len
+        text = (self.text_embed[...][jnp.clip(tokens, 0, c.text_rows - 1)]
+                + self.text_pos[...][jnp.clip(positions - 1, 0, c.text_len - 1)])
+        cell = jnp.clip(positions - c.text_len - 1, 0, c.image_len - 1)
+        image = (self.image_embed[...][jnp.clip(tokens, 0, c.image_vocab_size - 1)]
+                 + self.row_embed[...][cell // c.grid_size] + self.col_embed[...][cell % c.grid_size])
+        x = jnp.where(is_text[None, :, None], text, image)
+        x = jnp.where((positions == 0)[None, :, None], self.start_embed[...], x)
+        return constrain(x, RESIDUAL)
+
+    @staticmethod
+    def input_tokens(text: jax.Array, image: jax.Array) -> jax.Array:
+        """Training input (B, T + N): [start | text | image[:-1]] (the start slot holds 0)."""
+        start = jnp.zeros((text.shape[0], 1), text.dtype)
+        return jnp.concatenate([start, text, image[:, :-1].astype(text.dtype)], axis=1)
+
+    # ---------------------------------------------------------------------------------------------- body
+
+    def forward(self, tokens: jax.Array, start: jax.Array | int = 0, cache: dict | None = None,
+                dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        """Hidden states (B, S, d) fp32 after the final norm for `tokens` at positions start..start+S-1.
+
+        Without a cache the keys are these S positions (training, `start` = 0). With a cache
+        {"k", "v": (layers, B, L, heads, head_dim)} they are the cache with this call's keys written at `start`;
+        the updated cache is returned.
+        """
+        c = self.config
+        s = tokens.shape[1]
+        positions = start + jnp.arange(s)
+        x = self.embed(tokens, positions)
+        mask_stack, layer_index = _masks_for(c)
+        masks = jnp.asarray(mask_stack)
+        dtype = jnp.dtype(c.compute_dtype)
+        train_dropout = c.dropout > 0 and dropout_key is not None
+        keys = (jax.random.split(dropout_key, c.n_layers) if train_dropout
+                else jnp.zeros((c.n_layers,), jnp.uint32))
+
+        def layer(x, xs):
+            p, mask_index, key, k_cache, v_cache = xs
+            mask = jax.lax.dynamic_index_in_dim(masks, mask_index, keepdims=False)
+            x, new_kv = _block(x, p, mask, start, k_cache, v_cache, c, dtype,
+                               key if train_dropout else None)
+            return x, new_kv
+
+        if c.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[c.remat])
+        params = {name: value[...] for name, value in self.layers.items()}
+        k_cache = None if cache is None else cache["k"]
+        v_cache = None if cache is None else cache["v"]
+        x, new_kv = jax.lax.scan(layer, x, (params, jnp.asarray(layer_index), keys, k_cache, v_cache))
+        new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+        return layer_norm(x, self.final_scale[...], self.final_bias[...]), new_cache
+
+    def text_logits(self, h: jax.Array) -> jax.Array:
+        return constrain(jnp.einsum("bsd,dv->bsv", h, self.text_head[...]), ("batch", "length", "vocab"))
+
+    def image_logits(self, h: jax.Array) -> jax.Array:
+        return constrain(jnp.einsum("bsd,dv->bsv", h, self.image_head[...]), ("batch", "length", "vocab"))
+
+    def __call__(self, text: jax.Array, image: jax.Array, dropout_key: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+        """text (B, T) ids, image (B, N) tokens -> text logits (B, T, text_vocab), image logits (B, N, image_vocab)."""
+        h, _ = self.forward(self.input_tokens(text, image), dropout_key=dropout_key)
+        t = self.config.text_len
+        return self.text_logits(h[:, :t]), self.image_logits(h[:, t:])
+
+    def init_cache(self, batch: int, dtype: Any = jnp.float32) -> dict:
+        c = self.config
+        shape = (c.n_layers, batch, c.seq_len, c.n_heads, c.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _block(x: jax.Array, p: dict, mask: jax.Array, start: jax.Array | int, k_cache: jax.Array | None,
+           v_cache: jax.Array | None, c: PriorConfig, dtype: Any, key: jax.Array | None
+           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One pre-norm block. x (B, S, d) fp32 residual stream; mask (L, L) bool for this layer."""
+    w = {name: v.astype(dtype) for name, v in p.items() if name[0] in "wb"}
+    h = layer_norm(x, p["ln1_scale"], p["ln1_bias"]).astype(dtype)
+    q = constrain(jnp.einsum("bsd,dhk->bshk", h, w["wq"]) + w["bq"], HEADS)
+    k = constrain(jnp.einsum("bsd,dhk->bshk", h, w["wk"]) + w["bk"], HEADS)
+    v = constrain(jnp.einsum("bsd,dhk->bshk", h, w["wv"]) + w["bv"], HEADS)
+    new_kv = None
+    if k_cache is not None:
+        at = (0, start, 0, 0)
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
+        new_kv = (k, v)
+    attn = attend(q, k.astype(dtype), v.astype(dtype), mask, start)
+    out = jnp.einsum("bshk,hkd->bsd", attn, w["wo"], preferred_element_type=jnp.float32) + w["bo"]
+    keys = jax.random.split(key) if key is not None else (None, None)
+    x = constrain(x + _dropout(out, c.dropout, keys[0]), RESIDUAL)
+    h = layer_norm(x, p["ln2_scale"], p["ln2_bias"]).astype(dtype)
+    hidden = jax.nn.gelu(jnp.einsum("bsd,df->bsf", h, w["w1"]) + w["b1"])
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    out = jnp.einsum("bsf,fd->bsd", hidden, w["w2"], preferred_element_type=jnp.float32) + w["b2"]
+    return constrain(x + _dropout(out, c.dropout, keys[1]), RESIDUAL), new_kv
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, start: jax.Array | int) -> jax.Array:
+    """Masked softmax attention, one joint softmax per query, fp32 scores.
+
+    q (B, S, H, D) at positions start..start+S-1; k, v (B, Lk, H, D) at positions 0..Lk-1; mask (L, L) bool
+    over absolute positions. The reference implementation every faster kernel is tested against.
+    """
+    s, lk = q.shape[1], k.shape[1]
+    visible = jax.lax.dynamic_slice(mask, (start, 0), (s, lk))
+    scores = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(visible[None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhst,bthd->bshd", probs, v)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def count_params(config: PriorConfig) -> int:
+    """Parameters of the prior, computed abstractly (nothing allocated)."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Prior(config, rngs=nnx.Rngs(0)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -1,0 +1,300 @@
+"""Stage 2: train the transformer prior on [caption | dVAE image tokens] — `dalle-jax train-prior`.
+
+Loss: cross-entropy on the text part (averaged over the batch's non-pad text tokens) and on the image part
+(averaged over image tokens), weighted 1/8 and 7/8. Both averages use the whole batch's counts, so k
+microbatches of b sum to exactly one batch of k*b. AdamW (0.9, 0.96, 1e-8, wd 4.5e-2 on matrices only),
+global-norm clipping 4, linear warm-up then halving on plateaus (or cosine), parameter EMA 0.99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dalle_jax import config as config_lib
+from dalle_jax import sharding
+from dalle_jax.config import Config, PriorTrainConfig
+from dalle_jax.data.pipeline import DatasetError, Pipeline, caption_text, device_batch, open_split
+from dalle_jax.data.tokenizer import TextTokenizer
+from dalle_jax.models.transformer import Prior, PriorConfig
+from dalle_jax.train import loop
+
+log = logging.getLogger("dalle_jax.prior")
+DECAYED = frozenset({"wq", "wk", "wv", "wo", "w1", "w2", "text_head", "image_head"})
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on the projection matrices and heads; not on gains, biases or embeddings (paper)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: str(getattr(path[-1], "key", "")) in DECAYED, params)
+
+
+def learning_rate_schedule(cfg: PriorTrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine decay or constant (the plateau halving is applied on top)."""
+    if cfg.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
+                                                  max(cfg.steps, cfg.warmup_steps + 1),
+                                                  end_value=cfg.learning_rate * cfg.lr_end_fraction)
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    return optax.join_schedules([warmup, optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: PriorTrainConfig) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(cfg.clip_norm),
+             optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                         weight_decay=cfg.weight_decay, mask=decay_mask)]
+    if cfg.lr_schedule == "plateau":
+        # Halve when the mean training loss over a window of steps has not improved for `patience` windows.
+        parts.append(optax.contrib.reduce_on_plateau(factor=0.5, patience=cfg.plateau_patience,
+                                                     accumulation_size=cfg.plateau_window))
+    return optax.chain(*parts)
+
+
+def plateau_scale(opt_state: Any) -> jax.Array:
+    """The multiplier reduce_on_plateau currently applies (1.0 without it)."""
+    last = opt_state[-1]
+    return getattr(last, "scale", jnp.ones((), jnp.float32))
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+def count_tokens(batch: dict, text_vocab: int) -> dict:
+    """Adds the whole batch's non-pad text and image token counts (the loss normalisers)."""
+    n_text = jnp.sum(batch["text"] < text_vocab).astype(jnp.float32)
+    n_image = jnp.asarray(batch["image_tokens"].size, jnp.float32)
+    return {**batch, "n_text": jnp.maximum(n_text, 1.0), "n_image": n_image}
+
+
+def token_losses(model: Prior, text: jax.Array, image: jax.Array, text_vocab: int,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token cross-entropy: text (B, T) (0 on pads), image (B, N), and the text validity mask (B, T)."""
+    text_logits, image_logits = model(text, image, dropout_key=dropout_key)
+    valid = text < text_vocab
+    text_ce = optax.softmax_cross_entropy_with_integer_labels(
+        text_logits.astype(jnp.float32), jnp.where(valid, text, 0))
+    image_ce = optax.softmax_cross_entropy_with_integer_labels(image_logits.astype(jnp.float32), image)
+    return jnp.where(valid, text_ce, 0.0), image_ce, valid
+
+
+def prior_loss(model: Prior, batch: dict, key: jax.Array, step: jax.Array, cfg: PriorTrainConfig,
+               text_vocab: int) -> tuple[jax.Array, dict]:
+    text_ce, image_ce, _ = token_losses(model, batch["text"], batch["image_tokens"], text_vocab, key)
+    text_loss = jnp.sum(text_ce) / batch["n_text"]
+    image_loss = jnp.sum(image_ce) / batch["n_image"]
+    loss = cfg.text_loss_weight * text_loss + (1.0 - cfg.text_loss_weight) * image_loss
+    return loss, {"text_loss": text_loss, "image_loss": image_loss,
+                  "bits_per_image_token": image_loss / math.log(2.0)}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def token_transform(tokenizer: TextTokenizer, training: bool, caption_dropout: float = 0.0):
+    """Token-dataset example -> {"text" (T,) int32, "image_tokens" (N,) int32} (+ "heldout" flag in eval)."""
+    pads = tokenizer.pad_ids().astype(np.int32)
+
+    def transform(example: dict, rng: np.random.Generator) -> dict:
+        caption = caption_text(example["caption"])
+        text = tokenizer.encode([caption], training=training, rng=rng)[0].astype(np.int32)
+        if training and caption_dropout and rng.random() < caption_dropout:
+            text = pads.copy()
+        return {"text": text, "image_tokens": np.asarray(example["tokens"], np.int32).reshape(-1),
+                "caption": caption}
+
+    return transform
+
+
+def is_heldout(caption: str, holdout: set[tuple[str, str]]) -> bool:
+    """Does a shapes caption name a held-out (colour, shape) pair? False for captions of other datasets."""
+    from dalle_jax.data.scorer import parse_caption
+
+    try:
+        objects = parse_caption(caption)["objects"]
+    except ValueError:
+        return False
+    return any((o["color"], o["shape"]) in holdout for o in objects)
+
+
+def check_compatible(config: Config, tokenizer: TextTokenizer, token_dir: Path) -> None:
+    """Errors naming the mismatch before anything compiles."""
+    p = config.prior
+    if tokenizer.text_len != p.text_len or tokenizer.pad_mode != p.pad_mode:
+        raise config_lib.ConfigError(
+            f"tokenizer has text_len={tokenizer.text_len}, pad_mode={tokenizer.pad_mode} but the config has "
+            f"text.text_len={p.text_len}, text.pad_mode={p.pad_mode}: pass --set text.text_len=... to match")
+    if tokenizer.vocab_size > p.text_vocab_size:
+        raise config_lib.ConfigError(f"tokenizer vocab {tokenizer.vocab_size} > text.vocab_size {p.text_vocab_size}"
+                                     f": pass --set text.vocab_size={tokenizer.vocab_size}")
+    example = open_split(token_dir, "train")[0]
+    grid = np.asarray(example["tokens"]).shape
+    if grid != (p.grid_size, p.grid_size):
+        raise config_lib.ConfigError(f"token dataset {token_dir} has {grid} grids but the config's prior expects "
+                                     f"{p.grid_size}x{p.grid_size} (data.image_size / dVAE downsampling)")
+    spec = _token_spec(token_dir)
+    if spec and spec.get("vocab_size") != p.image_vocab_size:
+        raise config_lib.ConfigError(f"token dataset {token_dir} was encoded with a {spec.get('vocab_size')}-code "
+                                     f"dVAE but dvae.vocab_size is {p.image_vocab_size}")
+
+
+def _token_spec(token_dir: Path) -> dict | None:
+    info = json.loads((token_dir / "dataset_info.json").read_text())
+    description = info.get("description", "")
+    return json.loads(description.split("Spec: ", 1)[1]) if "Spec: " in description else None
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+def make_eval(spec: loop.StateSpec, mesh, rules, source, tokenizer: TextTokenizer, cfg: PriorTrainConfig,
+              text_vocab: int, holdout: set[tuple[str, str]]):
+    """Validation loss of the EMA parameters, in-distribution and on held-out combinations separately."""
+    transform = token_transform(tokenizer, training=False)
+    batch_size = cfg.batch_size // cfg.microbatches
+
+    @jax.jit
+    def per_example(params, text, image):
+        model = loop.merged_model(spec, params)
+        text_ce, image_ce, valid = token_losses(model, text, image, text_vocab)
+        return jnp.sum(text_ce, axis=1), jnp.sum(valid, axis=1), jnp.mean(image_ce, axis=1)
+
+    def evaluate(state: dict, step: int) -> dict:
+        batches = Pipeline(source, global_batch=batch_size, train=False, transform=transform, read_threads=1)
+        sums = {"text": 0.0, "text_count": 0.0, "image": 0.0, "n": 0, "image_heldout": 0.0, "n_heldout": 0}
+        with jax.set_mesh(mesh), sharding.axis_rules(rules):
+            for b, batch in enumerate(batches):
+                if cfg.eval_batches and b >= cfg.eval_batches:
+                    break
+                arrays = device_batch({"text": batch["text"], "image_tokens": batch["image_tokens"]}, mesh, rules)
+                text_sum, text_count, image_mean = jax.device_get(
+                    per_example(state["ema_params"], arrays["text"], arrays["image_tokens"]))
+                valid = np.asarray(batch["valid"])
+                held = np.array([is_heldout(c, holdout) for c in batch["caption"]]) & valid
+                sums["text"] += float(text_sum[valid].sum())
+                sums["text_count"] += float(text_count[valid].sum())
+                sums["image"] += float(image_mean[valid].sum())
+                sums["n"] += int(valid.sum())
+                sums["image_heldout"] += float(image_mean[held].sum())
+                sums["n_heldout"] += int(held.sum())
+        n_in = sums["n"] - sums["n_heldout"]
+        metrics = {"text_loss": sums["text"] / max(sums["text_count"], 1.0),
+                   "image_loss": sums["image"] / max(sums["n"], 1),
+                   "uniform_image_loss": math.log(spec_vocab(spec))}
+        metrics["bits_per_image_token"] = metrics["image_loss"] / math.log(2.0)
+        if n_in:
+            metrics["image_loss_in_distribution"] = (sums["image"] - sums["image_heldout"]) / n_in
+        if sums["n_heldout"]:
+            metrics["image_loss_heldout"] = sums["image_heldout"] / sums["n_heldout"]
+        return metrics
+
+    return evaluate
+
+
+def spec_vocab(spec: loop.StateSpec) -> int:
+    return spec.abstract["params"]["image_head"].shape[-1]
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def train_prior(config: Config, token_dir: str | Path, tokenizer_path: str | Path, run_dir: str | Path, *,
+                progress: bool = True) -> dict:
+    """Trains (or resumes) the prior of `config` on a token dataset into `run_dir/prior`."""
+    from dalle_jax.data.shapes import parse_holdout
+    from dalle_jax.images import plot_curves
+
+    run_dir, token_dir = Path(run_dir), Path(token_dir)
+    out = run_dir / "prior"
+    cfg, model_cfg = config.prior_train, config.prior
+    if not Path(tokenizer_path).is_file():
+        raise DatasetError(f"tokenizer {tokenizer_path} not found: train one with `dalle-jax tokenizer train "
+                           f"--data <image dataset> --out {tokenizer_path}`")
+    tokenizer = TextTokenizer.load(tokenizer_path)
+    check_compatible(config, tokenizer, token_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_lib.save_config(config, out / "config.json")
+    (out / "prior_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
+    tokenizer.save(out / "tokenizer.json")
+
+    mesh = sharding.make_mesh(config.mesh)
+    rules = config.mesh.rules
+    sharding.check_batch(cfg.batch_size // cfg.microbatches, mesh, rules, jax.process_count())
+    batches = Pipeline(open_split(token_dir, "train"), global_batch=cfg.batch_size, seed=cfg.seed,
+                       transform=token_transform(tokenizer, True, cfg.caption_dropout),
+                       read_threads=config.data.read_threads, prefetch=config.data.prefetch)
+    optimizer = make_optimizer(cfg)
+    state, spec = loop.init_state(lambda: Prior(model_cfg, rngs=nnx.Rngs(cfg.seed)), optimizer, mesh, rules,
+                                  cfg.seed)
+    train_step = make_prior_step(cfg, model_cfg, optimizer, spec, mesh, rules, tokenizer.vocab_size)
+    holdout = set(parse_holdout(config.data.holdout)) if config.data.dataset == "shapes" else set()
+    evaluate = make_eval(spec, mesh, rules, open_split(token_dir, "validation"), tokenizer, cfg,
+                         tokenizer.vocab_size, holdout)
+    tokens_per_example = model_cfg.seq_len
+
+    def scalars(step: int) -> dict:
+        return {"lr_schedule": float(learning_rate_schedule(cfg)(step))}
+
+    runner = loop.Loop(out, steps=cfg.steps, save_every=cfg.save_every, log_every=cfg.log_every,
+                       eval_every=cfg.eval_every, keep=cfg.keep_checkpoints, name="prior")
+    result = runner.run(state, spec, train_step, batches, batch_size=cfg.batch_size, evaluate=evaluate,
+                        to_device=lambda b: device_batch({"text": b["text"], "image_tokens": b["image_tokens"]},
+                                                         mesh, rules),
+                        extra_scalars=scalars, progress=progress, tokens_per_example=tokens_per_example)
+    if jax.process_index() == 0:
+        plot_curves(out / "loss_curve.png", out,
+                    ["image_loss", "eval/image_loss", "eval/image_loss_heldout", "eval/uniform_image_loss"],
+                    title="prior image-token loss (nats)")
+    return {"step": result["step"], "metrics": result["metrics"], "preempted": result["preempted"],
+            "run_dir": str(out)}
+
+
+def make_prior_step(cfg: PriorTrainConfig, model_cfg: PriorConfig, optimizer, spec, mesh, rules, text_vocab: int):
+    batch_shape = {"text": (cfg.batch_size, model_cfg.text_len), "image_tokens": (cfg.batch_size, model_cfg.image_len)}
+    batch_sharding = {k: sharding.named_sharding(mesh, sharding.batch_axes(len(s)), rules, s, "batch")
+                      for k, s in batch_shape.items()}
+    return loop.make_train_step(
+        lambda m, b, k, s: prior_loss(m, b, k, s, cfg, text_vocab), optimizer, spec, mesh, rules, batch_sharding,
+        cfg.ema_decay, cfg.ema_warmup, microbatches=cfg.microbatches,
+        prepare=lambda b: count_tokens(b, text_vocab),
+        state_metrics=lambda state: {"lr_scale": plateau_scale(state["opt_state"])})
+
+
+def register_cli(subparsers: Any) -> None:
+    from dalle_jax.cli import add_config_args
+
+    parser = subparsers.add_parser(
+        "train-prior", help="train the transformer prior (stage 2)",
+        description="Trains the sparse transformer on [caption BPE ids | dVAE image tokens] with the paper's "
+                    "recipe (weighted CE 1/8 text, 7/8 image; AdamW 0.9/0.96, wd 4.5e-2; clip 4; warm-up then "
+                    "lr halving on plateaus; EMA 0.99). Checkpoints, metrics.jsonl, TensorBoard events and "
+                    "loss_curve.png go to OUT/prior; rerunning resumes from the last checkpoint.",
+        epilog="example: dalle-jax train-prior --data runs/demo/tokens --tokenizer runs/demo/tokenizer.json "
+               "--preset demo --out runs/demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="token dataset written by `dalle-jax encode` (or a dir above it)")
+    parser.add_argument("--out", required=True, help="run directory; the prior goes to OUT/prior")
+    parser.add_argument("--tokenizer", help="tokenizer JSON (default OUT/tokenizer.json)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_args(parser)
+    parser.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from dalle_jax.cli import find_dataset_dir
+
+    config = config_lib.resolve(args.preset, args.set)
+    tokenizer = args.tokenizer or str(Path(args.out) / "tokenizer.json")
+    result = train_prior(config, find_dataset_dir(args.data), tokenizer, args.out, progress=not args.quiet)
+    m = result["metrics"]
+    summary = ", ".join(f"{k} {m[k]:.4f}" for k in ("loss", "eval/image_loss", "eval/image_loss_heldout",
+                                                     "eval/text_loss") if k in m)
+    print(f"prior: step {result['step']} -> {result['run_dir']}" + (f" ({summary})" if summary else ""))
+    return 0  # a preempted run saved its checkpoint; rerun to resume

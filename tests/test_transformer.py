@@ -1,0 +1,187 @@
+"""The prior: causality through the whole model, KV-cache equivalence, loss, parameter count, sharding,
+gradient accumulation."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dalle_jax import config as config_lib
+from dalle_jax import sharding
+from dalle_jax.config import MeshConfig, PriorTrainConfig
+from dalle_jax.models.init import build_pooled
+from dalle_jax.models.transformer import Prior, PriorConfig, count_params
+from dalle_jax.train import loop
+from dalle_jax.train import prior as prior_train
+
+TINY = PriorConfig(text_vocab_size=40, text_len=5, image_vocab_size=24, grid_size=4, d_model=32, n_layers=3,
+                   n_heads=2, head_dim=16, conv_kernel=3)
+
+
+def _model(config, seed=0):
+    return build_pooled(lambda: Prior(config, rngs=nnx.Rngs(seed)), jax.random.key(seed))
+
+
+def _random_inputs(config, batch, rng):
+    text = rng.integers(0, config.text_rows, (batch, config.text_len)).astype(np.int32)
+    image = rng.integers(0, config.image_vocab_size, (batch, config.image_len)).astype(np.int32)
+    return jnp.asarray(text), jnp.asarray(image)
+
+
+@pytest.mark.parametrize("attention", ["dense", "row", "column", "conv", "sparse"])
+def test_changing_image_token_j_never_changes_earlier_logits(attention):
+    config = dataclasses.replace(TINY, attention=attention)
+    model = _model(config)
+    rng = np.random.default_rng()
+    text, image = _random_inputs(config, 2, rng)
+    text_logits, image_logits = jax.jit(lambda t, i: model(t, i))(text, image)
+    for j in (0, 5, config.image_len - 2):
+        changed = image.at[:, j].set((image[:, j] + 1 + rng.integers(0, 5)) % config.image_vocab_size)
+        text_2, image_2 = jax.jit(lambda t, i: model(t, i))(text, changed)
+        np.testing.assert_array_equal(text_2, text_logits)  # text never sees the image
+        np.testing.assert_array_equal(image_2[:, : j + 1], image_logits[:, : j + 1])  # predictions of tokens <= j
+        assert not np.allclose(image_2[:, j + 1], image_logits[:, j + 1])  # the next position does see it
+
+
+def test_text_is_causal_and_image_sees_all_text():
+    model = _model(TINY)
+    rng = np.random.default_rng()
+    text, image = _random_inputs(TINY, 2, rng)
+    text_logits, image_logits = model(text, image)
+    changed = text.at[:, 2].set((text[:, 2] + 1) % TINY.text_rows)
+    text_2, image_2 = model(changed, image)
+    np.testing.assert_array_equal(text_2[:, :3], text_logits[:, :3])  # t_3.. predicted from positions >= 3
+    assert not np.allclose(text_2[:, 3], text_logits[:, 3])
+    assert not np.allclose(image_2[:, -1], image_logits[:, -1])  # even the last image token sees the text
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    model = _model(dataclasses.replace(TINY, n_layers=5))
+    text, image = _random_inputs(TINY, 3, np.random.default_rng())
+    tokens = model.input_tokens(text, image)
+    full, _ = model.forward(tokens)
+    prefill = TINY.text_len + 1 + 3  # text plus a 3-token image prefix in one pass
+    cache = model.init_cache(3)
+    hidden, cache = model.forward(tokens[:, :prefill], 0, cache)
+    steps = [hidden]
+    decode = jax.jit(lambda tok, pos, c: model.forward(tok, pos, c))
+    for p in range(prefill, tokens.shape[1]):
+        hidden, cache = decode(tokens[:, p:p + 1], p, cache)
+        steps.append(hidden)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_paper_12b_parameter_count_and_info_layout():
+    params = count_params(config_lib.get_preset("paper_12b").prior)
+    assert 12.0e9 <= params <= 12.5e9, params
+    # The count is the sum of its parts: 64 blocks of 12 d^2 + 13 d, embeddings, heads, final norm.
+    d, c = 3968, PriorConfig()
+    per_layer = 12 * d * d + 13 * d
+    rest = (c.text_rows + c.text_len + c.image_vocab_size + 2 * c.grid_size + 1 + 2) * d
+    rest += (c.text_vocab_size + c.image_vocab_size) * d
+    assert params == 64 * per_layer + rest
+
+
+def test_loss_matches_numpy_reference():
+    model = _model(TINY)
+    rng = np.random.default_rng()
+    text, image = _random_inputs(TINY, 4, rng)
+    text = text % TINY.text_vocab_size  # BPE ids, then per-position pads from position 3
+    text = text.at[:, 3:].set(TINY.text_vocab_size + jnp.arange(3, TINY.text_len))
+    cfg = PriorTrainConfig(text_loss_weight=0.25)
+    batch = prior_train.count_tokens({"text": text, "image_tokens": image}, TINY.text_vocab_size)
+    loss, metrics = prior_train.prior_loss(model, batch, jax.random.key(0), jnp.asarray(0), cfg, TINY.text_vocab_size)
+    text_logits, image_logits = (np.asarray(x, np.float64) for x in model(text, image))
+
+    def ce(logits, labels):
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        return logz - np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+
+    t, im = np.asarray(text), np.asarray(image)
+    text_ce = ce(text_logits[:, :3], t[:, :3]).mean()  # pads excluded
+    image_ce = ce(image_logits, im).mean()
+    np.testing.assert_allclose(metrics["text_loss"], text_ce, rtol=1e-5)
+    np.testing.assert_allclose(metrics["image_loss"], image_ce, rtol=1e-5)
+    np.testing.assert_allclose(loss, 0.25 * text_ce + 0.75 * image_ce, rtol=1e-5)
+    assert abs(image_ce - math.log(TINY.image_vocab_size)) < 0.5  # near uniform at init
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+SHARDABLE = PriorConfig(text_vocab_size=64, text_len=8, image_vocab_size=32, grid_size=4, d_model=64, n_layers=3,
+                        n_heads=8, head_dim=8, conv_kernel=3)
+TRAIN = PriorTrainConfig(batch_size=8, steps=10, warmup_steps=2, learning_rate=1e-3, lr_schedule="constant",
+                         ema_decay=0.9, clip_norm=1.0)
+
+
+def _train(mesh_shape, batches, cfg=TRAIN, model_cfg=SHARDABLE):
+    devices = jax.devices()[: math.prod(mesh_shape)]
+    mesh = sharding.make_mesh(MeshConfig(ici_parallelism=mesh_shape), devices=devices)
+    rules = MeshConfig().rules
+    optimizer = prior_train.make_optimizer(cfg)
+    state, spec = loop.init_state(lambda: Prior(model_cfg, rngs=nnx.Rngs(0)), optimizer, mesh, rules, 0)
+    step = prior_train.make_prior_step(cfg, model_cfg, optimizer, spec, mesh, rules, model_cfg.text_vocab_size)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, sharding.shard_batch(batch, mesh, rules))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state["params"])
+
+
+def _batches(n, rng, batch=8, model_cfg=SHARDABLE):
+    out = []
+    for _ in range(n):
+        text = rng.integers(0, model_cfg.text_vocab_size, (batch, model_cfg.text_len)).astype(np.int32)
+        lengths = rng.integers(1, model_cfg.text_len + 1, batch)
+        pads = model_cfg.text_vocab_size + np.arange(model_cfg.text_len)
+        text = np.where(np.arange(model_cfg.text_len) < lengths[:, None], text, pads).astype(np.int32)
+        image = rng.integers(0, model_cfg.image_vocab_size, (batch, model_cfg.image_len)).astype(np.int32)
+        out.append({"text": text, "image_tokens": image})
+    return out
+
+
+def _assert_params_close(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 8, 1), (1, 1, 8)])
+def test_sharded_step_equals_single_device(mesh_shape):
+    batches = _batches(1, np.random.default_rng())
+    loss_1, params_1 = _train((1, 1, 1), batches)
+    loss_n, params_n = _train(mesh_shape, batches)
+    np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5)
+    _assert_params_close(params_n, params_1)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    batches = _batches(2, np.random.default_rng())
+    loss_1, params_1 = _train((2, 1, 1), batches)
+    loss_k, params_k = _train((2, 1, 1), batches, cfg=dataclasses.replace(TRAIN, microbatches=4))
+    np.testing.assert_allclose(loss_k, loss_1, rtol=1e-5)
+    _assert_params_close(params_k, params_1)
+
+
+def test_decay_mask_spares_gains_biases_and_embeddings():
+    params = nnx.state(_model(TINY), nnx.Param).to_pure_dict()
+    mask = prior_train.decay_mask(params)
+    assert mask["layers"]["wq"] and mask["layers"]["w2"] and mask["image_head"]
+    assert not mask["layers"]["ln1_scale"] and not mask["layers"]["bq"] and not mask["text_embed"]
+    assert not mask["row_embed"] and not mask["start_embed"]
+
+
+def test_plateau_schedule_halves_the_learning_rate():
+    cfg = dataclasses.replace(TRAIN, lr_schedule="plateau", plateau_patience=1, plateau_window=1)
+    optimizer = prior_train.make_optimizer(cfg)
+    params = {"w": jnp.ones((2, 2))}
+    state = optimizer.init(params)
+    grads = {"w": jnp.ones((2, 2))}
+    for _ in range(4):  # a loss that never improves
+        _, state = optimizer.update(grads, state, params, value=jnp.asarray(1.0))
+    assert float(prior_train.plateau_scale(state)) < 1.0
+    assert isinstance(optax.contrib.ReduceLROnPlateauState, type)
