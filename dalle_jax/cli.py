@@ -19,6 +19,8 @@ Stages (each reads a config preset, writes into a directory, and can be resumed)
   tokenizer train  train the BPE caption tokenizer on a dataset
   train-dvae       train the discrete VAE (stage 1); rerun to resume
   encode           encode a dataset into dVAE tokens (the prior's training data)
+  train-prior      train the sparse transformer prior on [caption | image tokens] (stage 2)
+  info             parameter count, per-device memory and mask schedule of a preset's prior
   reconstruct      encode + decode image files with a dVAE, side by side
   convert openai-dvae  import OpenAI's released dVAE without executing its pickles
   config           print a preset's resolved config (with --set overrides)
@@ -30,6 +32,9 @@ examples:
   dalle-jax data show runs/data --split validation --out runs/shapes.png
   dalle-jax tokenizer train --data runs/data --out runs/tokenizer.json --vocab-size 512 --text-len 24
   dalle-jax train-dvae --run runs/demo --preset demo
+  dalle-jax encode --run runs/demo
+  dalle-jax train-prior --data runs/demo/tokens --tokenizer runs/demo/tokenizer.json --out runs/demo
+  dalle-jax info --preset paper_12b --devices 256
   dalle-jax config --preset demo --set dvae_train.batch_size=64
 
 `dalle-jax <stage> --help` explains each stage.
@@ -88,10 +93,11 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "demo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dalle_jax import encode
+    from dalle_jax import encode, info
     from dalle_jax.convert import openai_dvae
     from dalle_jax.data import folder, shapes, tokenizer
     from dalle_jax.train import dvae as train_dvae
+    from dalle_jax.train import prior as train_prior
 
     parser = argparse.ArgumentParser(prog="dalle-jax", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.register_cli(stages)
     train_dvae.register_cli(stages)
     encode.register_cli(stages)
+    train_prior.register_cli(stages)
+    info.register_cli(stages)
     convert = stages.add_parser("convert", help="import released weights (OpenAI's dVAE)",
                                 description="Import released weights into dalle-jax checkpoints, safely.")
     openai_dvae.register_cli(convert.add_subparsers(dest="convert_command", metavar="<source>"))

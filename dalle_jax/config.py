@@ -275,6 +275,13 @@ def _demo() -> Config:
         dvae=DVAEConfig(vocab_size=512, n_hid=32, n_init=32, group_count=3, blocks_per_group=1),
         dvae_train=DVAETrainConfig(batch_size=32, log_every=50, eval_every=500, save_every=250).scaled_to(
             2000, learning_rate=3e-4, learning_rate_end=3e-5),
+        # 4 layers (row, column, row, conv) over 24 + 64 tokens; the 11x11 conv at 32x32 becomes 3x3 at 8x8.
+        prior=PriorConfig(d_model=256, n_layers=4, n_heads=8, head_dim=32, conv_kernel=3),
+        # Short runs: cosine instead of plateau halving (there is no plateau to detect in 2k steps); caption
+        # dropout so the sampler's classifier-free guidance has an unconditional model.
+        prior_train=PriorTrainConfig(batch_size=32, steps=2000, learning_rate=1e-3, warmup_steps=100,
+                                     lr_schedule="cosine", caption_dropout=0.1, log_every=50, eval_every=500,
+                                     save_every=250, eval_batches=8),
     )
 
 
@@ -288,6 +295,9 @@ def _quick() -> Config:
         dvae=dataclasses.replace(base.dvae, n_hid=16, n_init=16, vocab_size=128),
         dvae_train=dataclasses.replace(base.dvae_train.scaled_to(20), batch_size=16, log_every=5,
                                        eval_every=10, save_every=10, num_eval_images=16),
+        prior=dataclasses.replace(base.prior, d_model=64, n_layers=2, n_heads=2),
+        prior_train=dataclasses.replace(base.prior_train, batch_size=16, steps=20, warmup_steps=5, log_every=5,
+                                        eval_every=10, save_every=10, eval_batches=2),
     )
 
 
@@ -298,7 +308,17 @@ def _bench() -> Config:
         text=TextConfig(vocab_size=16384, text_len=64),
         dvae=DVAEConfig(compute_dtype="bfloat16"),
         dvae_train=DVAETrainConfig(batch_size=64),
+        # The benchmark anchor's dimensions: 512 wide, 8 layers of 8 x 64 heads, 64 text + 16x16 image tokens.
+        prior=PriorConfig(d_model=512, n_layers=8, n_heads=8, head_dim=64, conv_kernel=5),
+        prior_train=PriorTrainConfig(batch_size=8),
     )
+
+
+def _1b() -> Config:
+    """A 1.0B-parameter prior (d 2048, 20 layers) at the paper's sequence: a single-host TPU VM size."""
+    base = _paper_12b()
+    return dataclasses.replace(base, name="1b", prior=PriorConfig(d_model=2048, n_layers=20, n_heads=32, head_dim=64),
+                               prior_train=PriorTrainConfig(batch_size=256))
 
 
 def _paper_12b() -> Config:
@@ -310,6 +330,8 @@ def _paper_12b() -> Config:
         text=TextConfig(vocab_size=16384, text_len=256),
         dvae=DVAEConfig(compute_dtype="bfloat16"),
         dvae_train=DVAETrainConfig(),
+        prior=PriorConfig(compute_dtype="bfloat16", remat="full"),
+        prior_train=PriorTrainConfig(),
     )
 
 
@@ -317,6 +339,7 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "demo": _demo,
     "quick": _quick,
     "bench": _bench,
+    "1b": _1b,
     "paper_12b": _paper_12b,
 }
 
