@@ -185,3 +185,19 @@ def test_plateau_schedule_halves_the_learning_rate():
         _, state = optimizer.update(grads, state, params, value=jnp.asarray(1.0))
     assert float(prior_train.plateau_scale(state)) < 1.0
     assert isinstance(optax.contrib.ReduceLROnPlateauState, type)
+
+
+def test_info_per_device_memory_matches_a_real_sharded_init():
+    from dalle_jax.info import describe, prior_memory
+
+    config = config_lib.resolve("quick", ["mesh.ici_parallelism=2,4,1"])
+    memory = prior_memory(config, 8)
+    mesh = sharding.make_mesh(config.mesh)
+    state, _ = loop.init_state(lambda: Prior(config.prior, rngs=nnx.Rngs(0)), optax.sgd(0.1), mesh,
+                               config.mesh.rules, 0)
+    on_device_0 = sum(leaf.addressable_shards[0].data.size for leaf in jax.tree.leaves(state["params"]))
+    assert memory["params_per_device"] == on_device_0 < memory["params"] == count_params(config.prior)
+    text = describe(config, 8)
+    assert f"{memory['params']:,} parameters" in text and "error" not in text
+    bad = describe(config_lib.resolve("quick", ["mesh.ici_parallelism=1,1,8"]), 8)  # 2 heads over tensor=8
+    assert "error: dimension 2 does not divide" in bad
