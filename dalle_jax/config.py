@@ -164,19 +164,6 @@ class DVAETrainConfig(TrainConfig):
     # Deviation option (paper: plain Gumbel-softmax): decoder sees hard one-hot codes, gradients flow through
     # the relaxation (straight-through Gumbel-softmax).
     straight_through: bool = False
-    # Deviation option (paper: 0): weight of KL(batch-mean posterior || uniform) per pixel-channel, a
-    # codebook-diversity term (wav2vec 2.0) against the collapse short runs on sparse images fall into.
-    diversity_weight: float = 0.0
-    # Deviation option (paper: 1): multiplies the encoder logits in training (argmax, hence encoding, is
-    # unchanged). At init the logits vary across image content ~0.17 nats against Gumbel noise of std 1.28,
-    # so short runs never see informative codes; a scale lifts the code signal above the noise from step 0.
-    logit_scale: float = 1.0
-    # Experimental (paper: 1): scales the Gumbel noise of the relaxation; 0 = deterministic softmax(logits / tau).
-    gumbel_scale: float = 1.0
-    # Deviation option (paper silent): add uniform noise within each 8-bit level before the likelihood. On
-    # synthetic images with exactly constant backgrounds the logit-Laplace density is unbounded (ln b -> -inf
-    # on a pixel that never varies), which swamps everything else; dequantisation bounds it.
-    dequantize: bool = False
     num_eval_images: int = 64  # held validation batch for codebook usage and reconstructions
 
     def __post_init__(self):

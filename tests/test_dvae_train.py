@@ -108,3 +108,31 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path):
     assert step_a == step_b == steps
     for a, b in zip(params_a, params_b, strict=True):
         np.testing.assert_array_equal(a, b)  # bitwise on CPU
+
+
+def _loss_parts(tc, images, key):
+    cfg = config_lib.resolve("quick", SMALL)
+    from dalle_jax.models.init import build_pooled
+
+    model = build_pooled(lambda: DVAE(cfg.dvae, rngs=nnx.Rngs(0)), jax.random.key(0))
+    return model, dvae_train.dvae_loss(model, {"image": images}, key, jax.numpy.asarray(3), tc)
+
+
+def test_straight_through_decodes_the_hard_sample():
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from dalle_jax.models.dvae import map_pixels
+
+    tc = dataclasses.replace(config_lib.resolve("quick", SMALL).dvae_train, straight_through=True, kl_weight=0.0)
+    images = np.random.default_rng().integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    key = jax.random.key(7)
+    model, (loss, _) = _loss_parts(tc, images, key)
+    logits = model.encoder(map_pixels(jnp.asarray(images, jnp.float32) / 255.0))
+    gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
+    hard = jax.nn.one_hot(jnp.argmax(logits + gumbel, -1), logits.shape[-1])
+    x = map_pixels(jnp.asarray(images, jnp.float32) / 255.0)
+    expected = jnp.mean(jnp.sum(dvae_train.logit_laplace_nll(x, model.decoder(hard)), axis=(1, 2, 3))) / x[0].size
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+

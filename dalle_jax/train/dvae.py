@@ -73,13 +73,10 @@ def logit_laplace_nll(x: jax.Array, decoder_output: jax.Array) -> jax.Array:
 def dvae_loss(model: DVAE, batch: dict, key: jax.Array, step: jax.Array, cfg: DVAETrainConfig
               ) -> tuple[jax.Array, dict]:
     images = batch["image"].astype(jnp.float32) / 255.0  # (B, H, W, 3)
-    if cfg.dequantize:  # uniform noise within each 8-bit level: keeps the continuous likelihood bounded
-        key, noise_key = jax.random.split(key)
-        images = images + (jax.random.uniform(noise_key, images.shape) - 0.5) / 255.0
     x = map_pixels(images)
-    logits = cfg.logit_scale * model.encoder(x)  # (B, h, w, K) fp32
+    logits = model.encoder(x)  # (B, h, w, K) fp32
     tau = temperature_at(step, cfg)
-    gumbel = cfg.gumbel_scale * jax.random.gumbel(key, logits.shape, jnp.float32)
+    gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
     soft_codes = jax.nn.softmax((logits + gumbel) / tau, axis=-1)  # relaxed one-hot
     if cfg.straight_through:  # forward the hard one-hot, backpropagate through the relaxation
         hard = jax.nn.one_hot(jnp.argmax(soft_codes, axis=-1), soft_codes.shape[-1], dtype=soft_codes.dtype)
@@ -96,14 +93,12 @@ def dvae_loss(model: DVAE, batch: dict, key: jax.Array, step: jax.Array, cfg: DV
     recon_per_image = jnp.sum(recon, axis=(1, 2, 3))
     kl_per_image = jnp.sum(kl, axis=(1, 2))
     loss = jnp.mean(recon_per_image + beta * kl_per_image) / pixels
-    # Diversity (deviation, off in the paper recipe): KL(batch-mean q || uniform), as in wav2vec 2.0's
-    # Gumbel quantiser. Penalises the whole batch settling on a few codes, not confident codes.
-    mean_q = jnp.mean(jnp.exp(log_q), axis=(0, 1, 2))
-    diversity = jnp.sum(mean_q * jnp.log(jnp.maximum(mean_q, 1e-30))) + math.log(model.config.vocab_size)
-    loss = loss + cfg.diversity_weight * diversity
     mse = jnp.mean(jnp.square(reconstruct(out) - images))
+    # Perplexity of the batch-mean posterior: how many codes the batch spreads its mass over (collapse monitor).
+    mean_q = jnp.mean(jnp.exp(log_q), axis=(0, 1, 2))
+    batch_perplexity = jnp.exp(-jnp.sum(mean_q * jnp.log(jnp.maximum(mean_q, 1e-30))))
     return loss, {"recon": jnp.mean(recon_per_image) / pixels, "kl_per_token": jnp.mean(kl), "mse": mse,
-                  "batch_code_perplexity": jnp.exp(math.log(model.config.vocab_size) - diversity)}
+                  "batch_code_perplexity": batch_perplexity}
 
 
 # ------------------------------------------------------------------------------------------------ eval
