@@ -355,7 +355,9 @@ def captions_from_dataset(dataset_dir: str, split: str = "train", chunk_size: in
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    captions = captions_from_dataset(args.data, args.split)
+    from dalle_jax.cli import find_dataset_dir
+
+    captions = captions_from_dataset(str(find_dataset_dir(args.data)), args.split)
     if not captions:
         raise SystemExit(f"no captions in split {args.split!r} of {args.data}")
     tokenizer = TextTokenizer.train(
@@ -403,7 +405,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--data", required=True, help="TFDS dataset version directory (has dataset_info.json)")
+    train.add_argument("--data", required=True,
+                       help="TFDS dataset version directory (has dataset_info.json), or a directory above exactly one")
     train.add_argument("--split", default="train", help="split to read captions from (default: train)")
     train.add_argument("--out", required=True, help="tokenizer file to write, e.g. RUN_DIR/tokenizer.json")
     train.add_argument(
