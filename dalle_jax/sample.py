@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from dalle_jax import sharding
 from dalle_jax.models.transformer import Prior, PriorConfig
@@ -270,7 +270,7 @@ def split_model(model: Prior | tuple[Any, Any]) -> tuple[Any, dict]:
     else:
         graphdef, params = model
     if isinstance(params, nnx.State):
-        params = params.to_pure_dict()
+        params = nnx.to_pure_dict(params)
     return graphdef, params
 
 
@@ -320,14 +320,16 @@ def prefix_tokens(prefix: Any, prefix_rows: int, config: PriorConfig, batch: int
                          f"least one row is left to sample")
     if prefix.shape[1] < rows:
         raise ValueError(f"prefix_rows={rows} but the prefix has only {prefix.shape[1]} rows")
-    if not np.issubdtype(prefix.dtype, np.integer) or prefix.min() < 0 or prefix.max() >= config.image_vocab_size:
+    prefix = prefix[:, :rows].reshape(batch, rows * g)
+    if not np.issubdtype(prefix.dtype, np.integer) or (
+            prefix.size and (prefix.min() < 0 or prefix.max() >= config.image_vocab_size)):
         raise ValueError(f"prefix tokens must be integers in [0, {config.image_vocab_size})")
-    return prefix[:, :rows].reshape(batch, rows * g).astype(np.int32)
+    return prefix.astype(np.int32)
 
 
 def _check_text(text: np.ndarray, config: PriorConfig) -> np.ndarray:
     text = np.asarray(text)
-    if text.ndim != 2 or text.shape[1] != config.text_len:
+    if text.ndim != 2 or text.shape[1] != config.text_len or not text.shape[0]:
         raise ValueError(f"text ids of shape {text.shape}: expected (batch, {config.text_len})")
     if text.min() < 0 or text.max() >= config.text_rows:
         raise ValueError(f"text ids must be in [0, {config.text_rows}) (BPE ids and pads)")
@@ -344,6 +346,12 @@ def _pads(pad_ids: Any, config: PriorConfig, needed: bool) -> np.ndarray:
     if pad_ids.shape != (config.text_len,):
         raise ValueError(f"pad_ids of shape {pad_ids.shape}: expected ({config.text_len},)")
     return pad_ids
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_zeros(shape: tuple[int, ...], dtype: Any, where: NamedSharding) -> Callable[[], jax.Array]:
+    """Zeros born sharded (never whole on one device), compiled once per shape and layout."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=where)
 
 
 class _Placement:
@@ -372,7 +380,7 @@ class _Placement:
         if self.mesh is None:
             return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
         where = sharding.named_sharding(self.mesh, CACHE_AXES, self.rules, shape, what="KV cache")
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=where)
+        zeros = _sharded_zeros(shape, jnp.dtype(dtype), where)
         return {"k": zeros(), "v": zeros()}
 
     def get(self, x: jax.Array) -> np.ndarray:

@@ -37,7 +37,7 @@ def _model(config: PriorConfig, seed: int = 0) -> Prior:
         value = 0.15 * rng.standard_normal(leaf.shape) + (1.0 if name.endswith("scale") else 0.0)
         return jnp.asarray(value, jnp.float32)
 
-    params = jax.tree_util.tree_map_with_path(draw, abstract.to_pure_dict())
+    params = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(abstract))
     return nnx.merge(graphdef, nnx.State(params))
 
 
@@ -89,6 +89,7 @@ def test_cached_decode_logits_equal_the_full_forward(attention, prefix_rows):
 
 
 FILTERED_GUIDED = SampleConfig(temperature=0.9, top_k=12, top_p=0.85, cfg_scale=3.0)
+FILTERED = dataclasses.replace(FILTERED_GUIDED, cfg_scale=1.0)
 
 
 @pytest.mark.parametrize("cfg", [SampleConfig(), FILTERED_GUIDED], ids=["plain", "top_k_top_p_guided"])
@@ -107,18 +108,33 @@ def test_cached_sampler_draws_the_reference_tokens(cfg):
 
 def test_sample_does_not_depend_on_its_batch():
     """Sample i of a call with sample_offset o is the seed's sample o + i, whatever else is in the batch: drawn
-    alone (batch 1, offset o + i) it is bit-for-bit the same tokens, guidance included. The same prompt at
-    another index is another sample."""
+    alone (batch 1, offset o + i) it is bit-for-bit the same tokens. The same prompt at another index is another
+    sample. (Guidance is per-row arithmetic on top; the sharded test covers it with padding rows.)"""
     model = _model(SPARSE)
     text = _captions(3, np.random.default_rng())
     text[1] = text[0]
-    batch = sample_tokens(model, text, 11, FILTERED_GUIDED, pad_ids=PADS)
+    batch = sample_tokens(model, text, 11, FILTERED)
     assert not np.array_equal(batch[0], batch[1])  # same prompt, different sample index
     for i in (0, 1, 2):
-        alone = sample_tokens(model, text[i:i + 1], 11, FILTERED_GUIDED, pad_ids=PADS, sample_offset=i)
+        alone = sample_tokens(model, text[i:i + 1], 11, FILTERED, sample_offset=i)
         np.testing.assert_array_equal(alone[0], batch[i])
-    shifted = sample_tokens(model, text[:1], 11, FILTERED_GUIDED, pad_ids=PADS, sample_offset=1)
+    shifted = sample_tokens(model, text[:1], 11, FILTERED, sample_offset=1)
     np.testing.assert_array_equal(shifted[0], batch[1])  # prompt 0 at index 1 is sample 1
+
+
+def test_repeated_calls_with_other_temperature_top_p_or_scale_do_not_recompile():
+    model = _model(SPARSE)
+    text = _captions(3, np.random.default_rng())
+    sample_tokens(model, text, 1, FILTERED_GUIDED, pad_ids=PADS)
+    graphdef, _ = sample_lib.split_model(model)
+    compiled = sample_lib._cached_sampler(graphdef, sample_lib._Static(top_k=12, nucleus=True, guided=True,
+                                                                       prefix_len=0))
+    size = compiled._cache_size()
+    assert size >= 1
+    for temperature, top_p, scale in ((1.2, 0.5, 0.0), (0.5, 0.99, 7.0)):
+        cfg = SampleConfig(temperature=temperature, top_k=12, top_p=top_p, cfg_scale=scale)
+        sample_tokens(model, text, 2, cfg, pad_ids=PADS)
+    assert compiled._cache_size() == size
 
 
 # ------------------------------------------------------------------------------------------------ prefix
@@ -167,7 +183,7 @@ def test_guidance_scale_zero_is_the_unconditional_model_and_one_the_conditional(
     s = 1 what the conditional one draws, also through the batched [cond; uncond] path."""
     model = _model(SPARSE)
     text = _captions(3, np.random.default_rng())
-    plain = dataclasses.replace(FILTERED_GUIDED, cfg_scale=1.0)
+    plain = FILTERED
     uncond = sample_tokens(model, np.broadcast_to(PADS, text.shape), 5, plain)
     s0 = sample_tokens(model, text, 5, dataclasses.replace(FILTERED_GUIDED, cfg_scale=0.0), pad_ids=PADS)
     np.testing.assert_array_equal(s0, uncond)
@@ -212,33 +228,36 @@ def _numpy_filtered_probs(logits: np.ndarray, temperature: float, top_k: int, to
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _filter_and_draw(logits, keys, scalars, top_k, nucleus):
-    """filter_logits, and the sampler's per-row draw repeated over `keys` (one key per draw; rows split it)."""
-    filtered = filter_logits(logits, scalars[0], top_k, scalars[1] if nucleus else None)
-    rows = logits.shape[0]
-    draw = lambda key: sample_lib._draw(logits, jax.random.split(key, rows), 0, scalars, top_k, nucleus)
-    return filtered, jax.vmap(draw)(keys)  # (rows, V), (draws, rows)
-
-
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (0.7, 0, 0.6), (1.3, 9, 0.75)])
 def test_top_k_top_p_keep_exactly_the_expected_tokens(temperature, top_k, top_p):
-    """The filtered distribution equals a numpy reference (kept set exactly, probabilities to 1e-6), and the
-    sampler's draws land only on kept tokens, at their probabilities (5 binomial sigmas over 3000 draws)."""
-    rng = np.random.default_rng()
-    logits = (2.0 * rng.standard_normal((6, 24))).astype(np.float32)
+    """The filtered distribution equals a numpy reference: the kept set exactly, probabilities to 1e-6."""
+    logits = (2.0 * np.random.default_rng().standard_normal((6, 24))).astype(np.float32)
     want = _numpy_filtered_probs(logits, temperature, top_k, top_p)
-    draws = 3000
-    scalars = jnp.asarray([temperature, top_p, 1.0], jnp.float32)
-    filtered, tokens = _filter_and_draw(jnp.asarray(logits), jax.random.split(jax.random.key(1), draws), scalars,
-                                        top_k, top_p < 1.0)
-    filtered, tokens = np.asarray(filtered), np.asarray(tokens)
+    nucleus = jnp.float32(top_p) if top_p < 1.0 else None  # traced, as in the sampler
+    filtered = np.asarray(jax.jit(filter_logits, static_argnums=2)(jnp.asarray(logits), temperature, top_k, nucleus))
     np.testing.assert_array_equal(np.isfinite(filtered), want > 0)
     np.testing.assert_allclose(np.asarray(jax.nn.softmax(filtered, axis=-1)), want, atol=1e-6)
-    if top_k and top_p == 1.0:
-        assert np.all(np.isfinite(filtered).sum(-1) == top_k)
-    if top_p < 1.0:
-        assert np.all(np.isfinite(filtered).sum(-1) < (top_k or 24))  # the nucleus really cut something
+    kept = np.isfinite(filtered).sum(-1)
+    if top_p == 1.0:
+        assert np.all(kept == top_k)
+    else:
+        assert np.all(kept < (top_k or 24))  # the nucleus really cut something
+
+
+def test_draws_follow_the_filtered_distribution():
+    """The sampler's per-row draw lands only on kept tokens, at their probabilities (5 binomial sigmas over
+    3000 draws of each of 6 rows; the numpy reference as above)."""
+    logits = (2.0 * np.random.default_rng().standard_normal((6, 24))).astype(np.float32)
+    want = _numpy_filtered_probs(logits, 1.3, 9, 0.75)
+    scalars = jnp.asarray([1.3, 0.75, 1.0], jnp.float32)
+    draws = 3000
+
+    @jax.jit
+    def draw(keys):  # (draws,) keys -> (draws, 6) tokens; each draw splits its key into per-row keys
+        return jax.vmap(lambda k: sample_lib._draw(jnp.asarray(logits), jax.random.split(k, 6), 0, scalars, 9,
+                                                   True))(keys)
+
+    tokens = np.asarray(draw(jax.random.split(jax.random.key(1), draws)))
     for r in range(6):
         counts = np.bincount(tokens[:, r], minlength=24) / draws
         assert np.all(counts[want[r] == 0] == 0)
@@ -260,20 +279,20 @@ def test_pad_batch_pads_with_real_rows_and_trims():
 
 
 def test_sharded_sampling_equals_single_device():
-    """data=2, fsdp=2, tensor=2: params sharded by the default rules, a batch of 6 padded to 8 (data-parallel
-    size 4) and trimmed, guidance doubling it to 16; identical tokens to one device."""
+    """data=2, fsdp=2, tensor=2: params sharded by the default rules, a batch of 3 padded to 4 (the
+    data-parallel size) and trimmed, guidance doubling it to 8, a 2-row prefix; identical tokens to one device."""
     mesh = sharding.make_mesh(MeshConfig(ici_parallelism=(2, 2, 2)))
     rules = MeshConfig().rules
-    model = _model(TINY)
+    model = _model(SPARSE)
     graphdef, params = nnx.split(model, nnx.Param)
     placed = sharding.shard_state(params, mesh, rules)
-    assert placed["layers"]["wq"].value.sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
-    text = _captions(6, np.random.default_rng())
-    cfg = SampleConfig(top_k=16, cfg_scale=2.0, prefix_rows=1)
-    prefix = _images(6, np.random.default_rng()).reshape(6, 4, 4)[:, :1]
+    assert placed["layers"]["wq"].get_value().sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    rng = np.random.default_rng()
+    text, prefix = _captions(3, rng), _images(3, rng).reshape(3, 4, 4)[:, :2]
+    cfg = dataclasses.replace(FILTERED_GUIDED, prefix_rows=2)
     single = sample_tokens(model, text, 9, cfg, pad_ids=PADS, prefix=prefix)
     sharded = sample_tokens((graphdef, placed), text, 9, cfg, pad_ids=PADS, prefix=prefix, mesh=mesh, rules=rules)
-    assert sharded.shape == (6, TINY.image_len)
+    assert sharded.shape == (3, SPARSE.image_len)
     np.testing.assert_array_equal(sharded, single)
-    cache = sample_lib._Placement(mesh, rules).cache(TINY, 16, jnp.float32)
+    cache = sample_lib._Placement(mesh, rules).cache(SPARSE, 8, jnp.float32)
     assert cache["k"].sharding.spec == PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
