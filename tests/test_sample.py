@@ -140,7 +140,7 @@ def test_repeated_calls_with_other_temperature_top_p_or_scale_do_not_recompile()
 # ------------------------------------------------------------------------------------------------ prefix
 
 
-def test_image_prefix_is_kept_bit_for_bit_and_conditions_the_rest():
+def test_image_prefix_is_kept_bit_for_bit_and_continued_like_the_reference():
     model = _model(SPARSE)
     rng = np.random.default_rng()
     text = _captions(3, rng)
@@ -156,7 +156,9 @@ def test_image_prefix_is_kept_bit_for_bit_and_conditions_the_rest():
     other = (grid + 1) % SPARSE.image_vocab_size
     changed = sample_tokens(model, text, 3, cfg, pad_ids=PADS, prefix=other)
     np.testing.assert_array_equal(changed[:, :8], other[:, :2].reshape(3, 8))
-    assert not np.array_equal(changed[:, 8:], tokens[:, 8:])  # the continuation sees the prefix
+    # The continuation is the one a full forward per step draws after that prefix. (Not "differs from the other
+    # prefix's": with the same seed both share their Gumbel noise, so many rows come out equal by design.)
+    np.testing.assert_array_equal(sample_reference(model, text, 3, cfg, pad_ids=PADS, prefix=grid), tokens)
 
 
 def test_prefix_rows_out_of_range_raise():
@@ -182,13 +184,14 @@ def test_guidance_scale_zero_is_the_unconditional_model_and_one_the_conditional(
     """Same seed, same filters: s = 0 draws what the unconditional model (all-pad caption, no guidance) draws,
     s = 1 what the conditional one draws, also through the batched [cond; uncond] path."""
     model = _model(SPARSE)
-    text = _captions(3, np.random.default_rng())
+    rng = np.random.default_rng()
+    text = rng.integers(0, SPARSE.text_vocab_size, (3, SPARSE.text_len)).astype(np.int32)  # no pads: far from uncond
     plain = FILTERED
     uncond = sample_tokens(model, np.broadcast_to(PADS, text.shape), 5, plain)
     s0 = sample_tokens(model, text, 5, dataclasses.replace(FILTERED_GUIDED, cfg_scale=0.0), pad_ids=PADS)
     np.testing.assert_array_equal(s0, uncond)
     cond = sample_tokens(model, text, 5, plain, pad_ids=PADS)
-    assert not np.array_equal(cond, uncond)  # the caption matters to this model
+    assert not np.array_equal(cond, uncond)  # the caption matters (same seed, shared noise: ~8% of rows agree)
     batched = sample_lib._sample(model, text, 5, plain, pad_ids=PADS, prefix=None, mesh=None, rules=None,
                                  sample_offset=0, cache_dtype=None, guided=True)
     np.testing.assert_array_equal(batched, cond)
