@@ -129,3 +129,35 @@ def test_pooled_init_draws_each_conv_at_its_fan_in_scale():
     # each parameter gets its own slice of the pool: standardised draws differ between parameters
     standardised = [np.asarray(c.w[...]).ravel()[:64] / np.asarray(c.w[...]).std() for c in convs]
     assert all(not np.allclose(a, b) for i, a in enumerate(standardised) for b in standardised[i + 1:])
+
+
+def test_distance_logits_pick_the_nearest_code_vector():
+    import dataclasses
+
+    rng = np.random.default_rng()
+    config = dataclasses.replace(TINY, logits="distance", codebook_init_std=1.0)
+    model = _model(config, seed=int(rng.integers(1 << 30)))
+    images = jnp.asarray(rng.uniform(size=(2, 16, 16, 3)), jnp.float32)
+
+    @nnx.jit
+    def run(model, images):  # the encoder's features before its output layer, and its logits
+        x = model.encoder.input(map_pixels(images))
+        for g, group in enumerate(model.encoder.groups):
+            x = group(x)
+            if g < len(model.encoder.groups) - 1:
+                x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        return jax.nn.relu(x), model.encoder(map_pixels(images))
+
+    features, logits = (np.asarray(a, np.float64) for a in run(model, images))
+    codes = np.asarray(model.encoder.output.w[...][0, 0], np.float64)  # (C, K)
+    distances = ((features[..., :, None] - codes[None, None, None]) ** 2).sum(-2)  # (B, h, w, K)
+    # logits = -distance + ||f||^2: equal softmax, equal argmax (nearest code), equal KL
+    np.testing.assert_allclose(logits + distances, np.broadcast_to((features ** 2).sum(-1, keepdims=True),
+                                                                   logits.shape), rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(model.encode(images)), distances.argmin(-1))
+    # codebook_init_std sets the decoder's code embeddings (released: 1/sqrt(vocab))
+    assert abs(float(np.std(np.asarray(model.decoder.input.w[...]))) - 1.0) < 0.1
+    released = _model(TINY)
+    assert abs(float(np.std(np.asarray(released.decoder.input.w[...]))) - 1 / np.sqrt(64)) < 0.02
+    with pytest.raises(ValueError, match="dvae.logits"):
+        DVAEConfig(logits="cosine")

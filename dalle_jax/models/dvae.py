@@ -40,10 +40,23 @@ class DVAEConfig:
     # "max" is the paper's (reported to help); "avg" for the ablation.
     pooling: str = "max"
     compute_dtype: str = "float32"
+    # Deviations for short runs on flat synthetic images (the released model is the default; see
+    # README "Stage 1" for the measurements). "distance" logits are -||f - e_c||^2 (up to a per-token
+    # constant) with the output conv's weight columns as code vectors e_c: a code can no longer win every token
+    # through the shared positive ReLU features (at init the release's linear logits pick ~13 codes for all
+    # 4096 tokens of a batch, and short runs collapse onto 1-3 codes).
+    logits: str = "linear"
+    # Std of the decoder's 1x1 input conv (the code embeddings); 0 = the release's 1/sqrt(vocab). At 1/sqrt(512)
+    # one-hot codes barely differ at the decoder's input, so a short run cannot tell them apart.
+    codebook_init_std: float = 0.0
 
     def __post_init__(self):
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"dvae.pooling='{self.pooling}': choose 'max' or 'avg'")
+        if self.logits not in ("linear", "distance"):
+            raise ValueError(f"dvae.logits='{self.logits}': choose 'linear' (released) or 'distance'")
+        if self.codebook_init_std < 0:
+            raise ValueError(f"dvae.codebook_init_std={self.codebook_init_std} must be >= 0 (0 = released init)")
         if self.group_count < 1 or self.blocks_per_group < 1:
             raise ValueError("dvae.group_count and dvae.blocks_per_group must be >= 1")
         if self.n_hid % 4 or self.n_init < 1:
@@ -75,10 +88,11 @@ class Conv(nnx.Module):
     Weights are HWIO (k, k, in, out); the released OIHW tensors are transposed on import.
     """
 
-    def __init__(self, n_in: int, n_out: int, kernel: int, *, rngs: nnx.Rngs, dtype: str = "float32"):
+    def __init__(self, n_in: int, n_out: int, kernel: int, *, rngs: nnx.Rngs, dtype: str = "float32",
+                 std: float = 0.0):
         if kernel % 2 != 1:
             raise ValueError(f"kernel size {kernel} must be odd")
-        std = 1.0 / math.sqrt(n_in * kernel**2)
+        std = std or 1.0 / math.sqrt(n_in * kernel**2)
         self.w = nnx.Param(std * standard_normal(rngs, (kernel, kernel, n_in, n_out)),
                            out_sharding=("height", "width", "conv_in", "conv_out"))
         self.b = nnx.Param(jnp.zeros((n_out,), jnp.float32), out_sharding=("conv_out",))
@@ -152,7 +166,12 @@ class Encoder(nnx.Module):
             x = group(x)
             if g < len(self.groups) - 1:
                 x = _pool(x, self.config.pooling)
-        return constrain(self.output(jax.nn.relu(x)), ACTIVATION_AXES)
+        features = jax.nn.relu(x)
+        if self.config.logits == "distance":  # -||f - e_c||^2 + ||f||^2; the output bias is unused
+            codes = self.output.w[...][0, 0]  # (C, K): column c is code c's vector
+            logits = 2 * jnp.einsum("bhwc,ck->bhwk", features, codes) - jnp.sum(jnp.square(codes), axis=0)
+            return constrain(logits, ACTIVATION_AXES)
+        return constrain(self.output(features), ACTIVATION_AXES)
 
 
 class Decoder(nnx.Module):
@@ -161,7 +180,8 @@ class Decoder(nnx.Module):
     def __init__(self, config: DVAEConfig, *, rngs: nnx.Rngs, output_channels: int = 3):
         self.config = config
         widths = [config.n_hid * 2 ** (config.group_count - 1 - g) for g in range(config.group_count)]
-        self.input = Conv(config.vocab_size, config.n_init, 1, rngs=rngs, dtype="float32")
+        self.input = Conv(config.vocab_size, config.n_init, 1, rngs=rngs, dtype="float32",
+                          std=config.codebook_init_std)
         self.groups = nnx.List([
             Group(config.n_init if g == 0 else widths[g - 1], widths[g], config, (1, 3, 3, 3), rngs=rngs)
             for g in range(config.group_count)])
