@@ -13,30 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle_jax.data.shapes import ShapesSpec, render_example
-from dalle_jax.data.tokenizer import TextTokenizer
-from dalle_jax.data.tokens import TokenSpec, token_builder
+from tests.token_data import TEXT_LEN, VOCAB, make_token_data
 
-GRID, VOCAB, TEXT_LEN = 8, 128, 12  # the quick preset: 32 px, 3 dVAE groups, 128 codes
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
 @pytest.fixture(scope="module")
 def token_data(tmp_path_factory):
     """Shapes captions (incl. held-out pairs in validation) with random image tokens, and a tokenizer."""
-    root = tmp_path_factory.mktemp("prior_data")
-    spec = ShapesSpec(image_size=32, num_train=96, num_validation=32, num_test=0)
-    rng = np.random.default_rng(0)
-    encoded = {}
-    for split, count in (("train", 96), ("validation", 32)):
-        captions = [render_example(spec, split, i)["caption"] for i in range(count)]
-        encoded[split] = {"tokens": list(rng.integers(0, VOCAB, (count, GRID, GRID)).astype(np.uint16)),
-                          "caption": captions, "id": list(range(count))}
-    builder = token_builder(str(root / "tokens"), TokenSpec("shapes", "random", GRID, VOCAB), encoded)
-    builder.download_and_prepare()
-    tokenizer = TextTokenizer.train(encoded["train"]["caption"], vocab_size=300, text_len=TEXT_LEN)
-    tokenizer.save(root / "tokenizer.json")
-    return root
+    return make_token_data(tmp_path_factory.mktemp("prior_data"))
 
 
 def _command(data, out, steps, *extra):

@@ -24,7 +24,7 @@ import grain
 import jax
 import numpy as np
 
-from dalle_jax import sharding
+from dalle_jax import distributed, sharding
 
 ExampleTransform = Callable[[dict, np.random.Generator], dict]
 
@@ -151,4 +151,9 @@ def dataset_dir_for(data_config: Any, run_dir: str | Path) -> Path:
     spec = shapes.ShapesSpec(image_size=data_config.image_size, num_train=data_config.num_train,
                              num_validation=data_config.num_validation, num_test=data_config.num_test,
                              holdout=shapes.parse_holdout(data_config.holdout), seed=data_config.seed)
+    # Several hosts: process 0 builds first and the others then reuse its files (a shared run directory) or
+    # build their own copy (host-local disks), so no two processes write the same files at once.
+    if jax.process_index() == 0:
+        shapes.build_shapes(str(Path(run_dir) / "data"), spec)
+    distributed.barrier("dalle_jax_build_shapes")
     return Path(shapes.build_shapes(str(Path(run_dir) / "data"), spec))

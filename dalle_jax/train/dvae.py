@@ -9,6 +9,7 @@ with beta cosine-annealed 0 -> 6.6, tau cosine-annealed 1 -> 1/16, lr cosine 1e-
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -22,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dalle_jax import config as config_lib
-from dalle_jax import sharding
+from dalle_jax import distributed, sharding
 from dalle_jax.config import Config, DVAETrainConfig
 from dalle_jax.data.pipeline import Pipeline, caption_text, dataset_dir_for, device_batch, open_split
 from dalle_jax.models.dvae import DVAE, map_pixels, reconstruct
@@ -120,7 +121,8 @@ def make_eval(spec: loop.StateSpec, mesh, eval_images: np.ndarray, captions: lis
     replicated = NamedSharding(mesh, PartitionSpec())
     images = jax.device_put(eval_images, replicated)
 
-    @jax.jit
+    # Replicated outputs: every host can read them (a sharded result would not be addressable on other hosts).
+    @functools.partial(jax.jit, out_shardings=replicated)
     def encode_decode(params, images):
         model = loop.merged_model(spec, params)
         tokens = model.encode(images.astype(jnp.float32) / 255.0)
@@ -137,7 +139,7 @@ def make_eval(spec: loop.StateSpec, mesh, eval_images: np.ndarray, captions: lis
 
             metrics["recon_color_shape_acc"] = float(np.mean(
                 [score(r, c)["color_shape"] for r, c in zip(recons_u8, captions, strict=True)]))
-        if jax.process_index() == 0:
+        if distributed.is_main():
             pairs = [im for pair in zip(eval_images[:16], recons_u8[:16], strict=True) for im in pair]
             save_grid(run_dir / "reconstructions" / f"step_{step:07d}.png", pairs,
                       [t for c in captions[:16] for t in (c, "reconstruction")], columns=8)
@@ -155,8 +157,9 @@ def train_dvae(config: Config, run_dir: str | Path, *, progress: bool = True) ->
     cfg, model_cfg = config.dvae_train, config.dvae
     model_cfg.grid_size(config.data.image_size)  # fail early on an incompatible image size
     out.mkdir(parents=True, exist_ok=True)
-    config_lib.save_config(config, out / "config.json")
-    (out / "dvae_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
+    if distributed.is_main():  # one writer: on a shared run directory the hosts would race on the same files
+        config_lib.save_config(config, out / "config.json")
+        (out / "dvae_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
 
     mesh = sharding.make_mesh(config.mesh)
     rules = config.mesh.rules

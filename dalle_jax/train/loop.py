@@ -7,6 +7,10 @@ A trainer supplies a model constructor, a loss function and an optimizer; this m
 `make_train_step` returns one jitted, donated update; `Loop.run` drives it with a data iterator, saves and
 restores checkpoints (with the iterator's state, so a resumed run sees exactly the batches it would have
 seen), stops cleanly on SIGTERM/SIGINT after saving, logs scalars, and calls an eval hook.
+
+Multi-host: every process runs the same loop on its own rows of each batch (the Pipeline's host shard), with the
+same mesh over all devices; all of them call every save and restore (Orbax writes each host's array shards);
+metrics, TensorBoard and the progress bar are process 0's; a SIGTERM on any host stops all at one agreed step.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dalle_jax import sharding
+from dalle_jax import distributed, sharding
 from dalle_jax.models.init import build_pooled
 from dalle_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from dalle_jax.train.metrics import MetricWriter
@@ -235,9 +239,14 @@ class Loop:
                 if evaluate is not None and (step % self.eval_every == 0 or step == self.steps):
                     last_metrics.update(writer.scalars(step, {f"eval/{k}": v for k, v in
                                                               evaluate(state, step).items()}))
-                stop = guard.should_stop(step)
+                stop = guard.should_stop(step)  # multi-host: the same answer on every host (see PreemptionGuard)
                 if checkpoints.should_save(step) or step == self.steps or stop:
-                    checkpoints.save(step, state, data_iterator=batches.get_state(),
+                    iterator_state = batches.get_state()
+                    # Orbax writes JSON items from process 0 only and every host restores that copy. That is
+                    # right because the Grain state is a position in the host-sliced stream, the same on every
+                    # host; checked, since a per-host state would silently resume the others at host 0's rows.
+                    distributed.check_same_on_all_hosts(iterator_state, "the data iterator state")
+                    checkpoints.save(step, state, data_iterator=iterator_state,
                                      meta={"step": step, "time": time.time()}, force=True)
                 if stop:
                     log.warning("%s: stop requested (signal); saved step %d, exiting", self.name, step)
@@ -246,4 +255,5 @@ class Loop:
         checkpoints.wait()
         checkpoints.close()
         writer.close()
+        distributed.barrier(f"dalle_jax_{self.name}_done")  # no host leaves while another still saves
         return {"state": state, "step": step, "metrics": last_metrics, "preempted": step < self.steps}

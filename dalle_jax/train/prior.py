@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -21,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dalle_jax import config as config_lib
-from dalle_jax import sharding
+from dalle_jax import distributed, sharding
 from dalle_jax.config import Config, PriorTrainConfig
 from dalle_jax.data.pipeline import DatasetError, Pipeline, caption_text, device_batch, open_split
 from dalle_jax.data.tokenizer import TextTokenizer
@@ -161,30 +163,33 @@ def make_eval(spec: loop.StateSpec, mesh, rules, source, tokenizer: TextTokenize
     transform = token_transform(tokenizer, training=False)
     batch_size = cfg.batch_size // cfg.microbatches
 
-    @jax.jit
-    def per_example(params, text, image):
+    # The batch's sums are reduced on device, with the valid / held-out masks travelling beside their rows: on
+    # several hosts each holds only its own rows, so per-example values of the global batch are not addressable
+    # here (jax.device_get would fail), while replicated scalars are.
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    def batch_sums(params, text, image, valid, held):
         model = loop.merged_model(spec, params)
-        text_ce, image_ce, valid = token_losses(model, text, image, text_vocab)
-        return jnp.sum(text_ce, axis=1), jnp.sum(valid, axis=1), jnp.mean(image_ce, axis=1)
+        text_ce, image_ce, text_valid = token_losses(model, text, image, text_vocab)
+        image_mean = jnp.mean(image_ce, axis=1)  # (B,)
+        return {"text": jnp.sum(jnp.where(valid, jnp.sum(text_ce, axis=1), 0.0)),
+                "text_count": jnp.sum(jnp.where(valid, jnp.sum(text_valid, axis=1), 0)),
+                "image": jnp.sum(jnp.where(valid, image_mean, 0.0)), "n": jnp.sum(valid),
+                "image_heldout": jnp.sum(jnp.where(held, image_mean, 0.0)), "n_heldout": jnp.sum(held)}
 
     def evaluate(state: dict, step: int) -> dict:
         batches = Pipeline(source, global_batch=batch_size, train=False, transform=transform, read_threads=1)
-        sums = {"text": 0.0, "text_count": 0.0, "image": 0.0, "n": 0, "image_heldout": 0.0, "n_heldout": 0}
+        sums = {"text": 0.0, "text_count": 0, "image": 0.0, "n": 0, "image_heldout": 0.0, "n_heldout": 0}
         with jax.set_mesh(mesh), sharding.axis_rules(rules):
             for b, batch in enumerate(batches):
                 if cfg.eval_batches and b >= cfg.eval_batches:
                     break
-                arrays = device_batch({"text": batch["text"], "image_tokens": batch["image_tokens"]}, mesh, rules)
-                text_sum, text_count, image_mean = jax.device_get(
-                    per_example(state["ema_params"], arrays["text"], arrays["image_tokens"]))
                 valid = np.asarray(batch["valid"])
                 held = np.array([is_heldout(c, holdout) for c in batch["caption"]]) & valid
-                sums["text"] += float(text_sum[valid].sum())
-                sums["text_count"] += float(text_count[valid].sum())
-                sums["image"] += float(image_mean[valid].sum())
-                sums["n"] += int(valid.sum())
-                sums["image_heldout"] += float(image_mean[held].sum())
-                sums["n_heldout"] += int(held.sum())
+                arrays = device_batch({"text": batch["text"], "image_tokens": batch["image_tokens"], "valid": valid,
+                                       "held": held}, mesh, rules)
+                batch_totals = jax.device_get(batch_sums(state["ema_params"], arrays["text"],
+                                                         arrays["image_tokens"], arrays["valid"], arrays["held"]))
+                sums = {k: v + batch_totals[k].item() for k, v in sums.items()}
         n_in = sums["n"] - sums["n_heldout"]
         metrics = {"text_loss": sums["text"] / max(sums["text_count"], 1.0),
                    "image_loss": sums["image"] / max(sums["n"], 1),
@@ -220,9 +225,10 @@ def train_prior(config: Config, token_dir: str | Path, tokenizer_path: str | Pat
     tokenizer = TextTokenizer.load(tokenizer_path)
     check_compatible(config, tokenizer, token_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config_lib.save_config(config, out / "config.json")
-    (out / "prior_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
-    tokenizer.save(out / "tokenizer.json")
+    if distributed.is_main():  # one writer: on a shared run directory the hosts would race on the same files
+        config_lib.save_config(config, out / "config.json")
+        (out / "prior_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
+        tokenizer.save(out / "tokenizer.json")
 
     mesh = sharding.make_mesh(config.mesh)
     rules = config.mesh.rules
@@ -248,7 +254,7 @@ def train_prior(config: Config, token_dir: str | Path, tokenizer_path: str | Pat
                         to_device=lambda b: device_batch({"text": b["text"], "image_tokens": b["image_tokens"]},
                                                          mesh, rules),
                         extra_scalars=scalars, progress=progress, tokens_per_example=tokens_per_example)
-    if jax.process_index() == 0:
+    if distributed.is_main():
         plot_curves(out / "loss_curve.png", out,
                     ["image_loss", "eval/image_loss", "eval/image_loss_heldout", "eval/uniform_image_loss"],
                     title="prior image-token loss (nats)")

@@ -1,0 +1,27 @@
+"""A tiny token dataset (shapes captions + random 8x8 image tokens) and its BPE tokenizer, for prior tests."""
+
+from pathlib import Path
+
+import numpy as np
+
+from dalle_jax.data.shapes import ShapesSpec, render_example
+from dalle_jax.data.tokenizer import TextTokenizer
+from dalle_jax.data.tokens import TokenSpec, token_builder
+
+GRID, VOCAB, TEXT_LEN = 8, 128, 12  # the quick preset: 32 px, 3 dVAE groups, 128 codes
+
+
+def make_token_data(root: Path) -> Path:
+    """Writes root/tokens (train 96, validation 32 incl. held-out pairs) and root/tokenizer.json; returns root."""
+    spec = ShapesSpec(image_size=32, num_train=96, num_validation=32, num_test=0)
+    rng = np.random.default_rng(0)
+    encoded = {}
+    for split, count in (("train", 96), ("validation", 32)):
+        captions = [render_example(spec, split, i)["caption"] for i in range(count)]
+        encoded[split] = {"tokens": list(rng.integers(0, VOCAB, (count, GRID, GRID)).astype(np.uint16)),
+                          "caption": captions, "id": list(range(count))}
+    builder = token_builder(str(root / "tokens"), TokenSpec("shapes", "random", GRID, VOCAB), encoded)
+    builder.download_and_prepare()
+    tokenizer = TextTokenizer.train(encoded["train"]["caption"], vocab_size=300, text_len=TEXT_LEN)
+    tokenizer.save(root / "tokenizer.json")
+    return root
