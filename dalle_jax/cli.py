@@ -13,6 +13,7 @@ DALL-E in JAX/Flax: a discrete VAE turns images into tokens, a sparse-attention 
 [caption tokens | image tokens], samples are reranked by a CLIP-style model.
 
 Stages (each reads a config preset, writes into a directory, and can be resumed):
+  demo             the main job: every stage below on the built-in shapes data, then a report
   data shapes      build the built-in captioned-shapes dataset (TFDS array_record)
   data folder      build a dataset from your own folder of images + captions
   data show        draw a dataset split as a PNG grid with captions
@@ -20,6 +21,8 @@ Stages (each reads a config preset, writes into a directory, and can be resumed)
   train-dvae       train the discrete VAE (stage 1); rerun to resume
   encode           encode a dataset into dVAE tokens (the prior's training data)
   train-prior      train the sparse transformer prior on [caption | image tokens] (stage 2)
+  train-clip       train the CLIP-style reranker on images + captions
+  sample           captions -> images: prior samples decoded by the dVAE, reranked by CLIP
   info             parameter count, per-device memory and mask schedule of a preset's prior
   reconstruct      encode + decode image files with a dVAE, side by side
   convert openai-dvae  import OpenAI's released dVAE without executing its pickles
@@ -90,12 +93,16 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "demo
                         help=f"named config (default {default_preset})")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config value, e.g. --set dvae_train.batch_size=64 (repeatable)")
+    from dalle_jax.distributed import add_distributed_args
+
+    add_distributed_args(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dalle_jax import encode, info
+    from dalle_jax import demo, encode, generate, info
     from dalle_jax.convert import openai_dvae
     from dalle_jax.data import folder, shapes, tokenizer
+    from dalle_jax.train import clip as train_clip
     from dalle_jax.train import dvae as train_dvae
     from dalle_jax.train import prior as train_prior
 
@@ -120,10 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", required=True, help="PNG file to write")
     show.set_defaults(func=_show)
 
+    demo.register_cli(stages)
     tokenizer.register_cli(stages)
     train_dvae.register_cli(stages)
     encode.register_cli(stages)
     train_prior.register_cli(stages)
+    train_clip.register_cli(stages)
+    generate.register_cli(stages)
     info.register_cli(stages)
     convert = stages.add_parser("convert", help="import released weights (OpenAI's dVAE)",
                                 description="Import released weights into dalle-jax checkpoints, safely.")
@@ -160,8 +170,19 @@ def main(argv: list[str] | None = None) -> int:
         # A stage group without its command: show that group's help.
         parser.parse_args((argv or sys.argv[1:]) + ["--help"])
         return 2
+    from dalle_jax import distributed
     from dalle_jax.config import ConfigError
 
+    try:  # before any JAX call (building the parser makes none, so backends stay uninitialised)
+        joined = distributed.initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                                        getattr(args, "process_id", None))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if joined and not distributed.is_main():  # hosts other than 0 print warnings only
+        import logging
+
+        logging.getLogger("dalle_jax").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

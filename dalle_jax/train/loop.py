@@ -65,13 +65,9 @@ class StateSpec:
     abstract: Any  # ShapeDtypeStruct tree (with shardings) for restoring
 
 
-def init_state(model_fn: Callable[[], nnx.Module], optimizer: optax.GradientTransformation, mesh: Mesh,
-               rules: sharding.Rules, seed: int) -> tuple[dict, StateSpec]:
-    """Builds the model born sharded, its optimizer state and EMA, all laid out by the logical rules."""
-    with nnx.use_eager_sharding(False):
-        graphdef, abstract_params = nnx.split(nnx.eval_shape(model_fn), nnx.Param)
-    param_shardings = sharding.state_shardings(abstract_params, mesh, rules).to_pure_dict()
-    replicated = NamedSharding(mesh, PartitionSpec())
+def _state_builder(model_fn: Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
+                   seed: int) -> Callable[[], dict]:
+    """The function that builds the whole train state (traced abstractly or under jit, never eagerly)."""
 
     def build():
         with nnx.use_eager_sharding(False):
@@ -80,15 +76,36 @@ def init_state(model_fn: Callable[[], nnx.Module], optimizer: optax.GradientTran
         return {"params": params, "ema_params": params, "opt_state": optimizer.init(params),
                 "step": jnp.zeros((), jnp.int32), "key": jax.random.key_data(jax.random.key(seed))}
 
-    abstract = jax.eval_shape(build)
+    return build
+
+
+def state_spec(model_fn: Callable[[], nnx.Module], optimizer: optax.GradientTransformation, mesh: Mesh,
+               rules: sharding.Rules, seed: int = 0) -> StateSpec:
+    """The train state's graphdef, shardings and sharded abstract tree, computed without allocating anything.
+
+    The layout `init_state` builds the state in; also the restore target and the input of ahead-of-time
+    compilation (`dalle_jax.aot`), where `mesh` may span devices this host does not have.
+    """
+    with nnx.use_eager_sharding(False):
+        graphdef, abstract_params = nnx.split(nnx.eval_shape(model_fn), nnx.Param)
+    param_shardings = sharding.state_shardings(abstract_params, mesh, rules).to_pure_dict()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.eval_shape(_state_builder(model_fn, optimizer, seed))
     # Optimizer moments mirror the params' shardings; scalars (counts) are replicated.
     opt_shardings = _like_params(abstract["opt_state"], abstract["params"], param_shardings, replicated)
     shardings = {"params": param_shardings, "ema_params": param_shardings, "opt_state": opt_shardings,
                  "step": replicated, "key": replicated}
-    with jax.set_mesh(mesh):
-        state = jax.jit(build, out_shardings=shardings)()
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return state, StateSpec(graphdef=graphdef, shardings=shardings, abstract=abstract)
+    return StateSpec(graphdef=graphdef, shardings=shardings, abstract=abstract)
+
+
+def init_state(model_fn: Callable[[], nnx.Module], optimizer: optax.GradientTransformation, mesh: Mesh,
+               rules: sharding.Rules, seed: int) -> tuple[dict, StateSpec]:
+    """Builds the model born sharded, its optimizer state and EMA, all laid out by the logical rules."""
+    spec = state_spec(model_fn, optimizer, mesh, rules, seed)
+    with jax.set_mesh(mesh):
+        state = jax.jit(_state_builder(model_fn, optimizer, seed), out_shardings=spec.shardings)()
+    return state, spec
 
 
 def _like_params(opt_state: Any, params: Any, param_shardings: Any, replicated: NamedSharding) -> Any:
@@ -167,6 +184,13 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sp
         with jax.set_mesh(mesh), sharding.axis_rules(rules):
             return jitted(state, batch)
 
+    def lower(state: Any, batch: Any) -> jax.stages.Lowered:
+        """Traces and lowers the step for (abstract) `state` and `batch`; `.compile()` it for memory and cost."""
+        with jax.set_mesh(mesh), sharding.axis_rules(rules):
+            return jitted.lower(state, batch)
+
+    run.jitted = jitted  # the jax.jit object itself (in/out shardings, donation)
+    run.lower = lower
     return run
 
 
@@ -257,3 +281,31 @@ class Loop:
         writer.close()
         distributed.barrier(f"dalle_jax_{self.name}_done")  # no host leaves while another still saves
         return {"state": state, "step": step, "metrics": last_metrics, "preempted": step < self.steps}
+
+
+def load_trained(checkpoint_dir: Path, model_fn: Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
+                 use_ema: bool = True) -> nnx.Module:
+    """A trainer's model from its latest intact checkpoint, on one device (EMA weights by default).
+
+    Orbax restores whole trees, so the abstract target is the full train state (params, EMA, optimizer state,
+    step, key) rebuilt from the model and optimizer; the unused parts are dropped. Content fingerprints are
+    checked as on resume, and a corrupt latest checkpoint falls back to the previous one.
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with nnx.use_eager_sharding(False):
+        graphdef, abstract_params = nnx.split(nnx.eval_shape(model_fn), nnx.Param)
+    abstract = jax.eval_shape(lambda p: {"params": p, "ema_params": p, "opt_state": optimizer.init(p),
+                                         "step": jnp.zeros((), jnp.int32),
+                                         "key": jax.random.key_data(jax.random.key(0))},
+                              abstract_params.to_pure_dict())
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    if not Path(checkpoint_dir).is_dir():
+        raise FileNotFoundError(f"{checkpoint_dir} does not exist: train that stage first")
+    checkpoints = Checkpointer(Path(checkpoint_dir), save_every=1, keep=1)  # a reader: never saves
+    try:
+        restored = checkpoints.restore_latest(abstract)
+    finally:
+        checkpoints.close()
+    if restored is None:
+        raise FileNotFoundError(f"{checkpoint_dir} holds no finished checkpoint")
+    return nnx.merge(graphdef, nnx.State(restored.state["ema_params" if use_ema else "params"]))

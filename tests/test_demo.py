@@ -1,0 +1,112 @@
+"""The main job end to end: `dalle-jax demo --quick` builds every artefact, a rerun skips every stage, and
+`dalle-jax sample` works on its run directory (layout, JSONL, bad input). No quality thresholds here: the quick
+preset trains for seconds; the demo preset's numbers are measured and reported in the README."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def _cli(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "dalle_jax.cli", *args], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("demo") / "quick"
+    result = _cli("demo", "--quick", "--out", str(run), "--quiet")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run, result
+
+
+def test_quick_demo_writes_every_artefact(quick_run):
+    run, result = quick_run
+    assert "demo: done" in result.stdout
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["wall_s"]) >= {"data", "tokenizer", "dvae", "encode", "prior", "clip", "evaluate", "total"}
+    assert set(report["caption_match"]) == {"in_distribution", "heldout", "position", "relations"}
+    for table in report["caption_match"].values():
+        assert all(0.0 <= v <= 1.0 for v in table["best_of_n"].values())
+        assert "1" in table["best_of_n"]
+    assert 0 < report["prior"]["eval/image_loss"] < 2 * report["prior"]["eval/uniform_image_loss"]
+    assert "eval/codebook_perplexity" in report["dvae"] and "eval/retrieval_top1" in report["clip"]
+    text = (run / "report.md").read_text()
+    assert "Caption match" in text and "Accuracy vs N" in text
+    for name in ("samples_in_distribution", "samples_heldout", "samples_position", "samples_relations",
+                 "image_to_image"):
+        with Image.open(run / f"{name}.png") as img:
+            img.load()
+            assert img.size[0] > 64 and img.size[1] > 32
+            assert np.asarray(img).std() > 0  # not a blank canvas
+    assert (run / "tokenizer.json").is_file()
+    for stage in ("dvae", "prior", "clip"):
+        assert any((run / stage / "checkpoints").iterdir()), stage
+
+
+def test_rerun_skips_finished_stages(quick_run):
+    run, _ = quick_run
+    before = json.loads((run / "report.json").read_text())
+    again = _cli("demo", "--quick", "--out", str(run), "--quiet", timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("skipped") == 7, again.stderr[-3000:]
+    after = json.loads((run / "report.json").read_text())
+    assert after["caption_match"] == before["caption_match"] and after["wall_s"] == before["wall_s"]
+
+
+def test_a_different_config_in_the_same_run_dir_is_refused(quick_run):
+    run, _ = quick_run
+    result = _cli("demo", "--quick", "--out", str(run), "--seed", "7", "--quiet", timeout=120)
+    assert result.returncode == 2 and "different config" in result.stderr
+
+
+def test_sample_command_on_the_demo_run(quick_run, tmp_path):
+    run, _ = quick_run
+    out = tmp_path / "samples"
+    result = _cli("sample", "--run", str(run), "--prompt", "a purple cross above an orange circle",
+                  "--prompt", "a red square", "--num-samples", "3", "--top", "2", "--seed", "5", "--quiet",
+                  "--out-dir", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["prompt_index"], r["rank"]) for r in lines] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(set(r) >= {"prompt_index", "prompt", "rank", "file", "clip_score", "seed"} for r in lines)
+    assert [r["file"] for r in lines] == ["0000_00.png", "0000_01.png", "0001_00.png", "0001_01.png"]
+    for p in (0, 1):  # ranks are in CLIP-score order
+        scores = [r["clip_score"] for r in lines if r["prompt_index"] == p]
+        assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 for s in scores)
+    for r in lines:
+        with Image.open(out / r["file"]) as img:
+            assert img.size == (32, 32)
+    with Image.open(out / "grid.png") as img:
+        assert img.size[0] > 64
+
+    # Same seed, different batch size: the same images (per-sample keys).
+    again = tmp_path / "again"
+    result = _cli("sample", "--run", str(run), "--prompt", "a purple cross above an orange circle",
+                  "--prompt", "a red square", "--num-samples", "3", "--top", "2", "--seed", "5", "--quiet",
+                  "--batch-size", "2", "--out-dir", str(again), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for r in lines:
+        np.testing.assert_array_equal(np.asarray(Image.open(out / r["file"])),
+                                      np.asarray(Image.open(again / r["file"])))
+
+
+def test_sample_bad_input_is_named(quick_run, tmp_path):
+    run, _ = quick_run
+    empty = _cli("sample", "--run", str(run), "--prompt", "  ", "--out-dir", str(tmp_path / "a"), timeout=120)
+    assert empty.returncode == 2 and "prompt 0 is empty" in empty.stderr
+    image = tmp_path / "source.png"
+    Image.fromarray(np.full((50, 70), 128, np.uint8), mode="L").save(image)  # any size, any mode
+    rows = _cli("sample", "--run", str(run), "--prompt", "a red square", "--image-prefix", str(image),
+                "--prefix-rows", "8", "--out-dir", str(tmp_path / "b"), timeout=120)
+    assert rows.returncode == 2 and "--prefix-rows 8" in rows.stderr
+    missing = _cli("sample", "--run", str(tmp_path / "nowhere"), "--prompt", "a red square",
+                   "--out-dir", str(tmp_path / "c"), timeout=120)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
