@@ -24,6 +24,7 @@ Stages (each reads a config preset, writes into a directory, and can be resumed)
   train-clip       train the CLIP-style reranker on images + captions
   sample           captions -> images: prior samples decoded by the dVAE, reranked by CLIP
   info             parameter count, per-device memory and mask schedule of a preset's prior
+  aot              compile the prior's train step / sampler for a TPU slice on this host (memory vs HBM)
   reconstruct      encode + decode image files with a dVAE, side by side
   convert openai-dvae  import OpenAI's released dVAE without executing its pickles
   config           print a preset's resolved config (with --set overrides)
@@ -99,7 +100,7 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "demo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dalle_jax import demo, encode, generate, info
+    from dalle_jax import aot, demo, encode, generate, info
     from dalle_jax.convert import openai_dvae
     from dalle_jax.data import folder, shapes, tokenizer
     from dalle_jax.train import clip as train_clip
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_clip.register_cli(stages)
     generate.register_cli(stages)
     info.register_cli(stages)
+    aot.register_cli(stages)
     convert = stages.add_parser("convert", help="import released weights (OpenAI's dVAE)",
                                 description="Import released weights into dalle-jax checkpoints, safely.")
     openai_dvae.register_cli(convert.add_subparsers(dest="convert_command", metavar="<source>"))
