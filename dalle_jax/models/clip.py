@@ -286,7 +286,7 @@ class CLIP(nnx.Module):
         tokens = self.token_embed[...][jnp.clip(text_ids, 0, c.text_rows - 1)]  # (B, T, d)
         start = jnp.broadcast_to(self.text_start[...], (b, 1, c.text_width))
         x = jnp.concatenate([start, tokens], axis=1) + self.text_pos[...]  # (B, T + 1, d)
-        h = self.text_encoder(x, None, self.dtype)
+        h = self.text_encoder(x, valid, self.dtype)
         weights = valid.astype(jnp.float32)[..., None]
         pooled = jnp.sum(h * weights, axis=1) / jnp.sum(weights, axis=1)  # (B, d): mean over non-pad slots
         pooled = layer_norm(pooled, self.text_post_scale[...], self.text_post_bias[...])

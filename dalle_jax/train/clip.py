@@ -6,7 +6,9 @@ are those of the whole batch; XLA inserts the gathers. (No gradient accumulation
 is not the loss of their union, since every example is a negative for every other.)
 
 Optimiser: AdamW on matrices only, linear warm-up then cosine, optional global-norm clipping, parameter EMA
-(the shared loop's). Captions are tokenised with the run's tokenizer, with its BPE-dropout in training.
+(the shared loop's). Captions are tokenised with the run's tokenizer, with its BPE-dropout in training unless
+clip_train.bpe_dropout is off. The model config the run writes (clip_config.json) narrows text_vocab_size to the
+tokenizer's and holds the pixel statistics measured on the training split.
 
 Eval: zero-shot retrieval in batches of `retrieval_batch` validation pairs (32 by default; chance 1/32):
   eval/retrieval_top1                 caption -> image top-1 accuracy over all queries
@@ -14,10 +16,9 @@ Eval: zero-shot retrieval in batches of `retrieval_batch` validation pairs (32 b
   eval/retrieval_top1_heldout         queries that name a held-out pair (the shapes dataset marks them)
   eval/image_to_text_top1             image -> caption top-1 accuracy (+ _in_distribution / _heldout)
   eval/loss                           InfoNCE of the same batches; eval/retrieval_batch, eval/retrieval_chance
-Only full batches count, so every query has exactly `retrieval_batch` candidates.
-
-Measured on this project's 2-core CPU (demo preset, 32 px shapes, 10k train / 1k validation): see the
-module-level note `DEMO_MEASUREMENT` below.
+Only full batches count, so every query has exactly `retrieval_batch` candidates. On shapes, captions that
+several images in a batch satisfy cap what any model can reach: among 32 validation pairs the exact scorer puts
+the ceiling at 0.942 in-distribution, 0.851 held-out, 0.909 overall (1k validation, seed 0).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,7 @@ from dalle_jax.data.tokenizer import TextTokenizer
 from dalle_jax.models.clip import CLIP, CLIPConfig, contrastive_loss
 from dalle_jax.train import loop
 
-log = logging.getLogger("dalle_jax.clip")
 DECAYED = frozenset({"wq", "wk", "wv", "wo", "w1", "w2", "patch_embed", "image_proj", "text_proj"})
-DEMO_MEASUREMENT = "filled in below"
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -77,7 +75,9 @@ def clip_loss(model: CLIP, batch: dict, key: jax.Array, step: jax.Array) -> tupl
     return contrastive_loss(image_emb, text_emb, model.logit_scale())
 
 
-def make_clip_step(cfg: ClipTrainConfig, model_cfg: CLIPConfig, optimizer, spec: loop.StateSpec, mesh, rules):
+def make_clip_step(cfg: ClipTrainConfig, model_cfg: CLIPConfig, optimizer: optax.GradientTransformation,
+                   spec: loop.StateSpec, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> Any:
+    """The jitted, donated update of the shared loop for global batches {"image", "text"} sharded on batch."""
     batch_shape = {"image": (cfg.batch_size, model_cfg.image_size, model_cfg.image_size, 3),
                    "text": (cfg.batch_size, model_cfg.text_len)}
     batch_sharding = {k: sharding.named_sharding(mesh, sharding.batch_axes(len(s)), rules, s, "batch")
