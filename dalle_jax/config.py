@@ -325,8 +325,11 @@ def _demo() -> Config:
         prior_train=PriorTrainConfig(batch_size=32, steps=600, learning_rate=1e-3, warmup_steps=60,
                                      lr_schedule="cosine", caption_dropout=0.1, log_every=50, eval_every=200,
                                      save_every=200, eval_batches=8),
-        # CLIP reranker: a 3-layer ViT over 8x8 patches of 4 px and a 2-layer text transformer (see train/clip.py
-        # for the measured time and retrieval accuracy on 32 px shapes).
+        # CLIP reranker: a 3-layer ViT over 4x4 patches of 8 px (attention pooling) and a 2-layer text transformer,
+        # 1.15M parameters. Measured on 32 px shapes (10k train), 2 busy cores (load 6-7): 800 steps in 4 min 40 s
+        # wall (0.3 s/step; ~0.22 quiet); caption -> image top-1 among 32: 0.83 in-distribution, 0.65 held-out
+        # (the scorer's ceiling: 0.94 / 0.85). 4 px patches learned a little more per step at ~3.5x the cost;
+        # BPE-dropout cost 5 points at 600 steps (one seed); lr 2e-3 or 3e-3 did worse than 1e-3.
         clip=CLIPConfig(patch_size=8, image_width=128, image_layers=3, image_heads=4, text_width=128,
                         text_layers=2, text_heads=4, embed_dim=128),
         clip_train=ClipTrainConfig(batch_size=64, steps=800, learning_rate=1e-3, warmup_steps=100,
