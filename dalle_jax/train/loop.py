@@ -252,8 +252,9 @@ class Loop:
                 window_steps += 1
                 bar.update(1)
                 if step % self.log_every == 0 or step == self.steps:
+                    host_metrics = jax.device_get(metrics)  # waits for the steps, so the timing below is real
                     elapsed = time.perf_counter() - window_start
-                    scalars = {**jax.device_get(metrics), **(extra_scalars(step) if extra_scalars else {}),
+                    scalars = {**host_metrics, **(extra_scalars(step) if extra_scalars else {}),
                                "examples_per_s": window_steps * batch_size / max(elapsed, 1e-9)}
                     if tokens_per_example:
                         scalars["tokens_per_s"] = scalars["examples_per_s"] * tokens_per_example
