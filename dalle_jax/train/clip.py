@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -288,30 +287,14 @@ def load_clip(run_or_clip_dir: str | Path, use_ema: bool | None = None) -> tuple
     restored into the abstract train state rebuilt from the saved configs (on one device), so its content
     fingerprints are checked like a resume's.
     """
-    from dalle_jax.train.checkpoint import Checkpointer
-
     directory = find_clip_dir(run_or_clip_dir)
     config = config_lib.load_config(directory / "config.json")
     saved = json.loads((directory / "clip_config.json").read_text())
     model_cfg = CLIPConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     tokenizer = TextTokenizer.load(directory / "tokenizer.json")
     use_ema = config.clip_train.eval_ema if use_ema is None else use_ema
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with nnx.use_eager_sharding(False):
-        graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: CLIP(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    params = abstract_params.to_pure_dict()
-    abstract = jax.eval_shape(lambda p: {
-        "params": p, "ema_params": p, "opt_state": make_optimizer(config.clip_train).init(p),
-        "step": jnp.zeros((), jnp.int32), "key": jax.random.key_data(jax.random.key(0))}, params)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    checkpoints = Checkpointer(directory / "checkpoints", save_every=1, keep=1)  # a reader: never saves
-    try:
-        restored = checkpoints.restore_latest(abstract)
-    finally:
-        checkpoints.close()
-    if restored is None:
-        raise FileNotFoundError(f"{directory / 'checkpoints'} holds no finished checkpoint")
-    model = nnx.merge(graphdef, nnx.State(restored.state["ema_params" if use_ema else "params"]))
+    model = loop.load_trained(directory / "checkpoints", lambda: CLIP(model_cfg, rngs=nnx.Rngs(0)),
+                              make_optimizer(config.clip_train), use_ema=use_ema)
     return model, tokenizer, config
 
 
