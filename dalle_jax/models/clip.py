@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dalle_jax.models.init import standard_normal
+from dalle_jax.models.init import ones as _ones
+from dalle_jax.models.init import param as _param
 from dalle_jax.models.transformer import layer_norm
 from dalle_jax.sharding import constrain
 
@@ -115,13 +116,6 @@ class CLIPConfig:
         return self.patch_size**2 * 3
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple) -> nnx.Param:
-    value = std * standard_normal(rngs, shape) if std else jnp.zeros(shape, jnp.float32)
-    return nnx.Param(value, out_sharding=axes)
-
-
-def _ones(shape: tuple[int, ...], axes: tuple) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, jnp.float32), out_sharding=axes)
 
 
 class Encoder(nnx.Module):

@@ -77,3 +77,14 @@ def build_pooled(model_fn, key: jax.Array) -> nnx.Module:
             jax.eval_shape(lambda: (model_fn(), None)[1])  # trace only; nothing is allocated
         with pooled_normals(key, count.offset):
             return model_fn()
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple) -> nnx.Param:
+    """A parameter with logical `axes`: N(0, std^2) through `standard_normal`, or zeros when std is 0."""
+    value = std * standard_normal(rngs, shape) if std else jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value, out_sharding=axes)
+
+
+def ones(shape: tuple[int, ...], axes: tuple) -> nnx.Param:
+    """A parameter of ones (LayerNorm gains) with logical `axes`."""
+    return nnx.Param(jnp.ones(shape, jnp.float32), out_sharding=axes)

@@ -29,7 +29,8 @@ import numpy as np
 from flax import nnx
 
 from dalle_jax.models import masks as masks_lib
-from dalle_jax.models.init import standard_normal
+from dalle_jax.models.init import ones as _ones
+from dalle_jax.models.init import param as _param
 from dalle_jax.sharding import constrain
 
 RESIDUAL = ("batch", "length", None)
@@ -105,13 +106,6 @@ def _masks_for(config: PriorConfig) -> tuple[np.ndarray, np.ndarray]:
     return masks, layer_index
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple) -> nnx.Param:
-    value = std * standard_normal(rngs, shape) if std else jnp.zeros(shape, jnp.float32)
-    return nnx.Param(value, out_sharding=axes)
-
-
-def _ones(shape: tuple[int, ...], axes: tuple) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, jnp.float32), out_sharding=axes)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-5) -> jax.Array:
