@@ -207,14 +207,14 @@ def generate(generator: Generator, prompts: list[str], *, num_samples: int, top:
     text = encode_prompts(generator.tokenizer, prompts)
     pads = generator.tokenizer.pad_ids()
     cfg = dataclasses.replace(sample_config or SampleConfig(), prefix_rows=0 if prefix is None else len(prefix))
+    prior = (nnx.graphdef(generator.prior), nnx.state(generator.prior, nnx.Param))  # split once, not per batch
     results = []
     for p, prompt in enumerate(tqdm(prompts, desc="prompts", disable=not progress)):
         tokens = []
         for start in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - start)
             batch_prefix = None if prefix is None else np.broadcast_to(prefix, (count, *prefix.shape))
-            tokens.append(sample_tokens((nnx.graphdef(generator.prior), nnx.state(generator.prior, nnx.Param)),
-                                        np.repeat(text[p : p + 1], count, axis=0), seed, cfg, pad_ids=pads,
+            tokens.append(sample_tokens(prior, np.repeat(text[p : p + 1], count, axis=0), seed, cfg, pad_ids=pads,
                                         prefix=batch_prefix, mesh=mesh, rules=rules,
                                         sample_offset=p * num_samples + start))
         images = decode_images(generator, np.concatenate(tokens))
