@@ -17,9 +17,10 @@ Model FLOPs per step (tokens = batch * seq_len, seq_len = text_len + grid^2 = 32
   + 6 * batch * d * (text_len * text_vocab + image_len * image_vocab)   each head only on its own positions
   + 12 * n_layers * (heads * head_dim) * seq_len * tokens        QK^T and AV over the full seq_len^2
 
-The attention term is the dense one: our sparse masks are applied to dense scores, so the masked-out entries are
-computed too. The cross-check is XLA's `cost_analysis()["flops"]` of the same step, lowered with the layer scan
-unrolled (XLA counts a while-loop body once, so the rolled program reports about one layer); it also counts the
+The attention term is the dense one (PaLM's MFU convention): the default "blocked" attention skips the key blocks
+no layer's mask reaches (60% of the scores computed at 320 tokens), the rest of the masked entries are computed.
+The cross-check is XLA's `cost_analysis()["flops"]` of the same step, lowered with the layer scan unrolled
+(XLA counts a while-loop body once, so the rolled program reports about one layer); it also counts the
 elementwise work (softmax, GELU, LayerNorm, AdamW, EMA) that the formula leaves out. MFU divides the model
 FLOP/s at the median step time by the best matmul FLOP/s this machine reaches in `machine.measure_matmul_peak`,
 measured in the same entry.
@@ -392,6 +393,7 @@ def prior_train(quick: bool) -> dict[str, Any]:
             "n_layers": prior.n_layers, "heads": f"{prior.n_heads}x{prior.head_dim}", "seq_len": prior.seq_len,
             "text_len": prior.text_len, "grid": f"{prior.grid_size}x{prior.grid_size}",
             "vocab": f"{prior.text_vocab_size}/{prior.image_vocab_size}", "attention": prior.attention,
+            "attention_impl": prior.attention_impl, "remat": prior.remat,
             "batch": batch, "tokens_per_step": tokens, "timed_steps": repeats, "warmup_steps": 1 + warmup,
             "params": reference.n_params, "params_nonembedding": reference.n_nonembedding,
             "torch_params_trainable": sum(p.numel() for p in torch_run.trainable) if torch_run else "not run",
@@ -403,7 +405,8 @@ def prior_train(quick: bool) -> dict[str, Any]:
         "notes": "Median wall time per step after the first (compiling) step and warm-up, runs interleaved "
                  "round-robin. Model FLOPs = 6 * N_nonembedding * tokens + 6 * batch * d * (text_len * "
                  "text_vocab + image_len * image_vocab) + 12 * n_layers * heads * head_dim * seq_len * tokens "
-                 "(dense attention: the sparse masks are applied to dense scores). xla_gflop_per_step is "
+                 "(dense attention, PaLM's convention; the blocked attention computes 60% of those scores). "
+                 "xla_gflop_per_step is "
                  "XLA's cost_analysis of the same step with the layer scan unrolled; it adds elementwise work. "
                  "MFU = model FLOP/s at the median step / best measured matmul FLOP/s of the dtype; torch MFU "
                  "uses the JAX-measured fp32 matmul peak. " + torch_note +

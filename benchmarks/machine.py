@@ -141,7 +141,7 @@ def machine_info() -> dict[str, Any]:
         "process_count": jax.process_count(),
         "device_memory_bytes": _device_memory_bytes(device),
         # These change what "a device" means (e.g. simulated CPU devices), so they belong with the figures.
-        "env": {key: os.environ.get(key, "") for key in ("JAX_PLATFORMS", "XLA_FLAGS")},
+        "env": {key: os.environ.get(key, "") for key in ("JAX_PLATFORMS", "XLA_FLAGS", "GLIBC_TUNABLES")},
     }
 
 

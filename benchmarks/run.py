@@ -272,4 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from dalle_jax import hostenv
+
+    hostenv.reexec_with_hugepages()  # the figures are for the configuration the CLI runs in
     sys.exit(main())

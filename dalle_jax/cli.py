@@ -192,5 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> int:
+    """The `dalle-jax` console script: `main` in a process whose large buffers use huge pages (see hostenv)."""
+    from dalle_jax import hostenv
+
+    hostenv.reexec_with_hugepages()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

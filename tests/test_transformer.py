@@ -15,7 +15,7 @@ from dalle_jax import config as config_lib
 from dalle_jax import sharding
 from dalle_jax.config import MeshConfig, PriorTrainConfig
 from dalle_jax.models.init import build_pooled
-from dalle_jax.models.transformer import Prior, PriorConfig, count_params
+from dalle_jax.models.transformer import Prior, PriorConfig, count_params, query_blocks
 from dalle_jax.train import loop
 from dalle_jax.train import prior as prior_train
 
@@ -46,6 +46,45 @@ def test_changing_image_token_j_never_changes_earlier_logits(attention):
         np.testing.assert_array_equal(text_2, text_logits)  # text never sees the image
         np.testing.assert_array_equal(image_2[:, : j + 1], image_logits[:, : j + 1])  # predictions of tokens <= j
         assert not np.allclose(image_2[:, j + 1], image_logits[:, j + 1])  # the next position does see it
+
+
+@pytest.mark.parametrize("attention", ["dense", "row", "column", "conv", "sparse"])
+@pytest.mark.parametrize("block", [3, 4, 7])
+def test_query_blocks_skip_only_keys_that_no_layer_sees(attention, block):
+    config = dataclasses.replace(TINY, attention=attention, attention_block=block, n_layers=5)
+    masks, _, _ = config.masks()
+    blocks = query_blocks(config)
+    assert [a for a, _, _ in blocks] == list(range(0, config.seq_len, block))  # the blocks tile the sequence
+    assert blocks[-1][1] == config.seq_len
+    for a, b, hi in blocks:
+        assert not masks[:, a:b, hi:].any()  # nothing skipped is visible in any layer
+        assert masks[:, a:b, hi - 1].any()  # and the kept range is tight
+    assert sum((b - a) * hi for a, b, hi in blocks) < config.seq_len**2
+
+
+@pytest.mark.parametrize("attention", ["dense", "row", "column", "conv", "sparse"])
+def test_blocked_attention_equals_dense_values_and_gradients(attention):
+    dense_config = dataclasses.replace(TINY, attention=attention, attention_impl="dense")
+    blocked_config = dataclasses.replace(dense_config, attention_impl="blocked", attention_block=4)
+    text, image = _random_inputs(TINY, 2, np.random.default_rng())
+    weights = jax.random.normal(jax.random.key(np.random.default_rng().integers(1 << 30)),
+                                (2, TINY.image_len, TINY.image_vocab_size))
+
+    def value_and_grads(config):
+        graphdef, params = nnx.split(_model(config, seed=3))
+
+        def loss(p):
+            text_logits, image_logits = nnx.merge(graphdef, p)(text, image)
+            return jnp.sum(image_logits * weights) + jnp.sum(text_logits**2) * 1e-3, (text_logits, image_logits)
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (loss_d, logits_d), grads_d = value_and_grads(dense_config)
+    (loss_b, logits_b), grads_b = value_and_grads(blocked_config)
+    for dense, blocked in zip(jax.tree.leaves((loss_d, logits_d, grads_d)),
+                              jax.tree.leaves((loss_b, logits_b, grads_b)), strict=True):
+        # fp32 sums in another order: tolerance relative to the leaf's scale (the key-bias gradient is ~0: floor)
+        np.testing.assert_allclose(blocked, dense, rtol=1e-5, atol=max(1e-5 * float(np.max(np.abs(dense))), 1e-7))
 
 
 def test_text_is_causal_and_image_sees_all_text():
