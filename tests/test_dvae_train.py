@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from dalle_jax import config as config_lib
@@ -139,3 +140,35 @@ def test_straight_through_decodes_the_hard_sample():
     expected = jnp.mean(jnp.sum(dvae_train.logit_laplace_nll(x, model.decoder(hard)), axis=(1, 2, 3))) / x[0].size
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
+
+
+def test_revived_codes_take_over_their_donor_tokens_unchanged():
+    rng = np.random.default_rng()
+    n_feat, vocab, n_init = 6, 40, 5
+    used = np.sort(rng.choice(vocab, 4, replace=False))
+    codes = rng.normal(size=(n_feat, vocab)).astype(np.float32) * 0.01 - 50.0  # all far away ...
+    codes[:, used] = rng.normal(size=(n_feat, 4)).astype(np.float32)  # ... except four live codes
+    embed = rng.normal(size=(vocab, n_init)).astype(np.float32)
+    features = np.abs(rng.normal(size=(2, 3, 4, n_feat))).astype(np.float32)
+    params = {"encoder": {"output": {"w": codes[None, None]}}, "decoder": {"input": {"w": embed[None, None]}}}
+    new, revived = dvae_train.revive_dead_codes(params, jax.numpy.asarray(features), jax.random.key(1))
+    new_codes = np.asarray(new["encoder"]["output"]["w"][0, 0])
+    new_embed = np.asarray(new["decoder"]["input"]["w"][0, 0])
+    flat = features.reshape(-1, n_feat)
+    picked = np.argmax(2 * flat @ codes - np.sum(codes**2, axis=0), axis=1)
+    dead = np.setdiff1d(np.arange(vocab), np.unique(picked))
+    assert int(revived) == len(dead) > 0
+    keep = np.setdiff1d(np.arange(vocab), dead)
+    np.testing.assert_array_equal(new_codes[:, keep], codes[:, keep])  # live codes untouched
+    np.testing.assert_array_equal(new_embed[keep], embed[keep])
+    for c in dead:  # a revived code sits on one token's feature and decodes like that token's old code
+        token = int(np.argmin(np.sum((flat - new_codes[:, c]) ** 2, axis=1)))
+        np.testing.assert_allclose(new_codes[:, c], flat[token], rtol=1e-6)
+        np.testing.assert_array_equal(new_embed[c], embed[picked[token]])
+
+
+def test_code_revival_needs_distance_logits(tmp_path):
+    config = config_lib.apply_overrides(config_lib.get_preset("quick"), ["dvae.logits=linear",
+                                                                         "dvae_train.revive_every=5"])
+    with pytest.raises(config_lib.ConfigError, match="revive_every needs dvae.logits=distance"):
+        dvae_train.train_dvae(config, tmp_path, progress=False)

@@ -160,13 +160,17 @@ class Encoder(nnx.Module):
         # The output conv stays fp32, as in the release: logits feed argmax and the KL.
         self.output = Conv(widths[-1], config.vocab_size, 1, rngs=rngs, dtype="float32")
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def features(self, x: jax.Array) -> jax.Array:
+        """The (B, h, w, C) ReLU features the output conv turns into logits."""
         x = self.input(x)
         for g, group in enumerate(self.groups):
             x = group(x)
             if g < len(self.groups) - 1:
                 x = _pool(x, self.config.pooling)
-        features = jax.nn.relu(x)
+        return jax.nn.relu(x)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = self.features(x)
         if self.config.logits == "distance":  # -||f - e_c||^2 + ||f||^2; the output bias is unused
             codes = self.output.w[...][0, 0]  # (C, K): column c is code c's vector
             logits = 2 * jnp.einsum("bhwc,ck->bhwk", features, codes) - jnp.sum(jnp.square(codes), axis=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from dalle_jax.config import Config, DVAETrainConfig
 from dalle_jax.data.pipeline import Pipeline, caption_text, dataset_dir_for, device_batch, open_split
 from dalle_jax.models.dvae import DVAE, map_pixels, reconstruct
 from dalle_jax.train import loop
+
+LOG = logging.getLogger("dalle_jax")
 
 # ------------------------------------------------------------------------------------------------ schedules
 
@@ -102,6 +105,68 @@ def dvae_loss(model: DVAE, batch: dict, key: jax.Array, step: jax.Array, cfg: DV
                   "batch_code_perplexity": batch_perplexity}
 
 
+# ------------------------------------------------------------------------------------------------ code revival
+
+def revive_dead_codes(params: dict, features: jax.Array, key: jax.Array) -> tuple[dict, jax.Array]:
+    """Moves every code that no token of `features` (B, h, w, C) picks onto a token of the batch.
+
+    For the "distance" logits: code c's vector is column c of the encoder's output conv. A revived code gets a
+    donor token's feature f_t as its vector (distance 0, so it wins t) and the decoder embedding of the code t
+    picks now (so t decodes as before). Donors are drawn with probability proportional to their squared distance
+    to their current code (k-means++ seeding): badly quantised tokens (object edges) rather than the background.
+    Returns (params, number of codes revived).
+    """
+    codes = params["encoder"]["output"]["w"][0, 0]  # (C, K)
+    embed = params["decoder"]["input"]["w"][0, 0]  # (K, n_init)
+    flat = features.reshape(-1, features.shape[-1]).astype(jnp.float32)  # (N, C)
+    logits = 2 * flat @ codes - jnp.sum(jnp.square(codes), axis=0)
+    picked = jnp.argmax(logits, axis=-1)  # (N,)
+    error = jnp.maximum(jnp.sum(jnp.square(flat), axis=-1) - jnp.max(logits, axis=-1), 0.0)  # ||f - e_picked||^2
+    used = jnp.zeros(codes.shape[1], bool).at[picked].set(True)
+    p = (error + 1e-12) / jnp.sum(error + 1e-12)
+    donors = jax.random.choice(key, flat.shape[0], (codes.shape[1],), p=p)  # one donor per code
+    new_codes = jnp.where(used[None, :], codes, flat[donors].T)
+    new_embed = jnp.where(used[:, None], embed, embed[picked[donors]])
+    params = {**params,
+              "encoder": {**params["encoder"], "output": {**params["encoder"]["output"], "w": new_codes[None, None]}},
+              "decoder": {**params["decoder"], "input": {**params["decoder"]["input"], "w": new_embed[None, None]}}}
+    return params, jnp.sum(~used)
+
+
+def with_code_revival(train_step: Any, spec: loop.StateSpec, mesh, cfg: DVAETrainConfig) -> Any:
+    """`train_step` followed, every `cfg.revive_every` steps up to `revive_until`, by `revive_dead_codes` on the
+    step's batch (params and EMA alike; the optimizer moments are kept)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    until = int(cfg.revive_until * cfg.steps)
+
+    @functools.partial(jax.jit, donate_argnums=0, out_shardings=(spec.shardings, replicated))
+    def revive(state: dict, images: jax.Array, key: jax.Array) -> tuple[dict, jax.Array]:
+        model = loop.merged_model(spec, state["params"])
+        features = model.encoder.features(map_pixels(images.astype(jnp.float32) / 255.0))
+        params, revived = revive_dead_codes(state["params"], features, key)
+        # The EMA takes the revived entries as they are (an average with the dead vector would be neither).
+        ema = jax.tree.map(lambda e, old, new: jnp.where(new != old, new, e), state["ema_params"], state["params"],
+                           params)
+        return {**state, "params": params, "ema_params": ema}, revived
+
+    done = {"step": None}  # host-side step count (read once from the state: resume-safe, no per-step sync)
+
+    def step(state: dict, batch: dict) -> tuple[dict, dict]:
+        if done["step"] is None:
+            done["step"] = int(jax.device_get(state["step"]))
+        state, metrics = train_step(state, batch)
+        done["step"] += 1
+        n = done["step"]
+        if n % cfg.revive_every == 0 and n <= until:
+            key = jax.random.fold_in(jax.random.key(cfg.seed + 7), n)
+            with jax.set_mesh(mesh):
+                state, revived = revive(state, batch["image"], key)
+            LOG.info("step %d: revived %d dead codes", n, int(revived))
+        return state, metrics
+
+    return step
+
+
 # ------------------------------------------------------------------------------------------------ eval
 
 def codebook_usage(tokens: np.ndarray, vocab_size: int) -> dict[str, float]:
@@ -156,6 +221,9 @@ def train_dvae(config: Config, run_dir: str | Path, *, progress: bool = True) ->
     out = run_dir / "dvae"
     cfg, model_cfg = config.dvae_train, config.dvae
     model_cfg.grid_size(config.data.image_size)  # fail early on an incompatible image size
+    if cfg.revive_every and model_cfg.logits != "distance":
+        raise config_lib.ConfigError("dvae_train.revive_every needs dvae.logits=distance (code vectors to move); "
+                                     "set --set dvae.logits=distance or dvae_train.revive_every=0")
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():  # one writer: on a shared run directory the hosts would race on the same files
         config_lib.save_config(config, out / "config.json")
@@ -178,6 +246,8 @@ def train_dvae(config: Config, run_dir: str | Path, *, progress: bool = True) ->
                       for k, s in batch_shape.items()}
     train_step = loop.make_train_step(lambda m, b, k, s: dvae_loss(m, b, k, s, cfg), optimizer, spec, mesh, rules,
                                       batch_sharding, cfg.ema_decay, cfg.ema_warmup)
+    if cfg.revive_every:
+        train_step = with_code_revival(train_step, spec, mesh, cfg)
 
     validation = open_split(dataset_dir, "validation")
     held = [validation[i] for i in range(min(cfg.num_eval_images, len(validation)))]
