@@ -67,6 +67,9 @@ Flags; each has an environment variable, and a flag given on the command line wi
                                        fetching 3.11 with uv (TPU images' Ubuntu 22.04 ships 3.10)
   --worker N|all       TPU_WORKER      logs, stop, ssh: which worker (default: all for logs and stop, 0 for ssh)
   --foreground         FOREGROUND=1    run: stream every worker's output (still saved to the log) and wait
+  --no-distributed     DISTRIBUTED=0   run: leave DALLE_JAX_DISTRIBUTED unset. By default run exports
+                                       DALLE_JAX_DISTRIBUTED=1, so dalle-jax calls jax.distributed.initialize()
+                                       and the workers of a pod slice find each other (harmless on one host)
   --follow             FOLLOW=1        logs: keep streaming (tail -F) until Ctrl-C
   --lines N            TPU_LOG_LINES   logs: how many lines (default 50)
   --dry-run            DRY_RUN=1       print every command, one per line, '+ ' and shell-quoted so it can be
@@ -241,6 +244,7 @@ TPU_VENV=${TPU_VENV:-dalle_jax_venv}
 TPU_PYTHON=${TPU_PYTHON:-}
 TPU_WORKER=${TPU_WORKER:-}
 FOREGROUND=${FOREGROUND:-0}
+DISTRIBUTED=${DISTRIBUTED:-1}
 FOLLOW=${FOLLOW:-0}
 TPU_LOG_LINES=${TPU_LOG_LINES:-50}
 DRY_RUN=${DRY_RUN:-0}
@@ -276,6 +280,7 @@ parse_args() {
       --queued) QUEUED=1 ;;
       --spot) SPOT=1 ;;
       --foreground) FOREGROUND=1 ;;
+      --no-distributed) DISTRIBUTED=0 ;;
       --follow) FOLLOW=1 ;;
       --)
         shift
@@ -535,6 +540,9 @@ cmd_run() {
   prelude+=" [ -f $venv/bin/activate ] ||"
   prelude+=" { echo \"\$(hostname): no venv $venv: run tpu_setup.sh install first\" >&2; exit 1; };"
   prelude+=" . $venv/bin/activate; export JAX_PLATFORMS=tpu PYTHONUNBUFFERED=1;"
+  if is_true "$DISTRIBUTED"; then
+    prelude+=" export DALLE_JAX_DISTRIBUTED=1;"
+  fi
   if is_true "$FOREGROUND"; then
     on_workers all "$prelude set -o pipefail; bash -c $code < /dev/null 2>&1 | tee $logs/$stamp.log"
   else

@@ -170,6 +170,7 @@ def test_run_starts_the_users_command_on_all_workers_in_the_venv_under_nohup(tri
     line = remote_line(command)
     assert ". ~/dalle_jax_venv/bin/activate" in line and "cd ~/dalle_jax;" in line
     assert "export JAX_PLATFORMS=tpu PYTHONUNBUFFERED=1" in line
+    assert "export DALLE_JAX_DISTRIBUTED=1;" in line  # every worker joins the slice's jax.distributed job
     # The user's words survive two levels of quoting: the remote `bash -c CODE` gets exactly them back.
     code = re.search(r"setsid nohup bash -c (.*) > ~/dalle_jax_logs/(\d{8}-\d{6})\.log 2>&1 < /dev/null &", line)
     assert code, line
@@ -182,6 +183,9 @@ def test_run_foreground_streams_and_a_single_word_is_shell_code(tripwire):
                                   "--", "dalle-jax info --preset 1b && nproc"))
     line = remote_line(command)
     assert "nohup" not in line and "set -o pipefail; bash -c 'dalle-jax info --preset 1b && nproc'" in line
+    [command] = printed(tpu_setup(tripwire, "--dry-run", "run", "--no-distributed", "--name", NAME, "--zone", ZONE,
+                                  "--", "nproc"))
+    assert "DALLE_JAX_DISTRIBUTED" not in remote_line(command)
     assert re.search(r"\| tee ~/dalle_jax_logs/\d{8}-\d{6}\.log$", line)
 
 
