@@ -318,6 +318,8 @@ def _demo() -> Config:
       (q = uniform, the decoder ignores the codes).
     - temperature_steps = the whole run (paper: the first 12.5%): annealing tau to 1/16 within 125 steps
       froze the codes before the decoder could tell them apart.
+    - revive_every=50: the run still settles on 11 of 512 codes; reviving unused codes every 50 steps (until
+      80% of the run) ends with 205 in use, reconstruction accuracy 44% -> 52%, MSE 0.0058 -> 0.0057.
     """
     return Config(
         name="demo",
@@ -327,9 +329,10 @@ def _demo() -> Config:
                         codebook_init_std=1.0),
         dvae_train=DVAETrainConfig(batch_size=32, log_every=50, eval_every=250, save_every=250).scaled_to(
             1000, learning_rate=1e-3, learning_rate_end=1e-4, likelihood="mse", kl_weight=0.0,
-            temperature_steps=1000),
+            temperature_steps=1000, revive_every=50),
         # 4 layers (row, column, row, conv) over 24 + 64 tokens; the 11x11 conv at 32x32 becomes 3x3 at 8x8.
-        prior=PriorConfig(d_model=256, n_layers=4, n_heads=8, head_dim=32, conv_kernel=3),
+        # remat "dots": recomputing softmax/GELU/LayerNorm moves less memory than saving them (faster on CPU).
+        prior=PriorConfig(d_model=256, n_layers=4, n_heads=8, head_dim=32, conv_kernel=3, remat="dots"),
         # Short runs: cosine instead of plateau halving (there is no plateau to detect in 600 steps); caption
         # dropout so the sampler's classifier-free guidance has an unconditional model.
         prior_train=PriorTrainConfig(batch_size=32, steps=600, learning_rate=1e-3, warmup_steps=60,
