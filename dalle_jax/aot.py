@@ -19,7 +19,11 @@ jitted step from `prior.make_prior_step` is lowered and compiled for the slice. 
 The estimated step time is a roofline lower bound, max(FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth) per
 chip, with no time for inter-chip communication (ICI/DCN collectives), so the MFU implied by it is an upper bound.
 Model FLOPs are 6 * N * tokens over the weights each token multiplies (the blocks plus its one head; embeddings
-are lookups) plus dense attention 12 * layers * heads * head_dim * seq_len per token: the masks do not skip work.
+are lookups) plus dense attention 12 * layers * heads * head_dim * seq_len per token, whatever the attention.
+
+Pallas kernels (`prior.attention_impl=splash`) are custom calls, which XLA's cost analysis does not look into:
+the report lists the kernels found in the compiled program by name, and adds to the counted FLOPs an estimate
+of the splash kernels' own (the tiles their masks show, see `splash_train_flops`).
 
     JAX_PLATFORMS=cpu dalle-jax aot --preset paper_12b --topology v4-256 --mesh 1,-1,1
     JAX_PLATFORMS=cpu dalle-jax aot --preset paper_12b --topology v5e-8 --mode sample --batch 8
@@ -46,6 +50,7 @@ from flax import nnx
 
 from dalle_jax import sharding
 from dalle_jax.config import Config
+from dalle_jax.models import splash
 from dalle_jax.models.transformer import Prior, PriorConfig
 from dalle_jax.sharding import MESH_AXES
 
@@ -219,6 +224,8 @@ class Compiled:
     flops: float = 0.0  # with the layers counted L times (see the module doc)
     bytes_accessed: float = 0.0
     error: str = ""  # the compiler's message when it did not compile (e.g. out of HBM)
+    kernels: dict[str, int] = dataclasses.field(default_factory=dict)  # Pallas TPU kernels (custom calls) by name
+    kernel_flops: float = 0.0  # estimated FLOPs inside those kernels (XLA counts none); included in `flops`
 
     @property
     def total_bytes(self) -> int:
@@ -318,12 +325,21 @@ class Report:
                 "    per chip                       layers counted   XLA raw (loop bodies once)",
                 f"      FLOPs                      {p.flops:14.4g}   {p.xla_flops:14.4g}",
                 f"      HBM bytes accessed         {p.bytes_accessed:14.4g}   {p.xla_bytes:14.4g}",
-                f"    model FLOPs (whole slice)    {self.model_flops[index]:14.4g}   "
-                f"({self.model_flops[index] / self.chips:.4g} per chip)",
-                f"    estimated time               {max(compute, memory) * 1e3:11.2f} ms   = max(compute "
-                f"{compute * 1e3:.2f} ms, HBM {memory * 1e3:.2f} ms); no ICI/DCN time",
-                f"    MFU at that time             {self.mfu(index):11.1%}",
             ]
+            if p.kernel_flops:
+                lines.append(f"      of the FLOPs, in kernels   {p.kernel_flops:14.4g}   (estimated: XLA does not "
+                             f"count inside custom calls)")
+            if p.kernels:
+                lines.append("    Pallas kernels               " + ", ".join(f"{name} x{n}"
+                                                                           for name, n in p.kernels.items()))
+            lines.append(f"    model FLOPs (whole slice)    {self.model_flops[index]:14.4g}   "
+                         f"({self.model_flops[index] / self.chips:.4g} per chip)")
+            if _RAW_NOTE in self.notes:  # one layer's FLOPs: a step time from them would be meaningless
+                lines.append("    estimated time               not estimated (--no-count: one layer's FLOPs)")
+            else:
+                lines += [f"    estimated time               {max(compute, memory) * 1e3:11.2f} ms   = max(compute "
+                          f"{compute * 1e3:.2f} ms, HBM {memory * 1e3:.2f} ms); no ICI/DCN time",
+                          f"    MFU at that time             {self.mfu(index):11.1%}"]
         lines += [""] + [f"  note: {n}" for n in self.notes]
         lines.append(f"  => {'fits' if self.fits else 'DOES NOT FIT'} in {c.hbm_gib:g} GiB per chip")
         return "\n".join(lines)
@@ -397,7 +413,22 @@ def _compile(name: str, lower: Any) -> Compiled:
     _memory(compiled, program)
     program.argument_unpadded_bytes, program.argument_tiled_bytes = _argument_sizes(lowered, compiled)
     program.xla_flops, program.xla_bytes = _cost(compiled)
+    program.kernels = _pallas_kernels(compiled)
     return program
+
+
+def _pallas_kernels(compiled: Any) -> dict[str, int]:
+    """Pallas (Mosaic) TPU kernels in the compiled program: custom calls to tpu_custom_call, counted by name
+    (the kernel's name, e.g. splash_mha_fwd_residuals; a kernel inside the layer loop is counted once)."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # some backends or versions cannot print the program
+        return {}
+    counts: dict[str, int] = {}
+    for match in re.finditer(r'%([\w.\-]+) = [^\n]*custom-call\([^\n]*custom_call_target="tpu_custom_call"', text):
+        name = re.sub(r"\.\d+$", "", match[1])
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 @contextlib.contextmanager
@@ -432,6 +463,18 @@ def forward_flops(p: PriorConfig, queries: int, keys: int, text_queries: int, im
                                                          + p.image_vocab_size * image_queries)
     attention = 2 * p.n_layers * queries * keys * inner  # QK^T and PV, dense over the keys
     return 2.0 * (dense + attention)
+
+
+def splash_train_flops(p: PriorConfig, batch: int) -> float:
+    """FLOPs inside the splash kernels of one train step (whole slice), which XLA's cost analysis does not see.
+
+    Per head, layer and tile the kernels compute (`splash.block_stats`: the tiles each layer's mask shows),
+    2 x block^2 x head_dim per matmul: QK^T and PV forward, three in the dq kernel (QK^T again, dO V^T, dS K),
+    four in the dkv kernel (QK^T, P^T dO, dO V^T, dS^T Q), and the forward again when remat recomputes it.
+    """
+    tiles = splash.block_stats(p)["schedule"]["blocks"]
+    matmuls = 2 + 3 + 4 + (2 if p.remat != "none" else 0)
+    return 2.0 * batch * p.n_heads * tiles * p.splash_block**2 * p.head_dim * matmuls
 
 
 def train_model_flops(p: PriorConfig, batch: int) -> float:
@@ -485,11 +528,25 @@ def compile_train_step(config: Config, topology: str | Topology, batch: int | No
         else:
             program.flops, program.bytes_accessed = program.xla_flops, program.xla_bytes
             notes[0] = _RAW_NOTE
+        if program.kernels and config.prior.attention_impl == "splash" and count_layers:
+            program.kernel_flops = splash_train_flops(config.prior, config.prior_train.batch_size) / _split_over(
+                mesh, config.mesh.rules)
+            program.flops += program.kernel_flops
+            notes.append("attention: splash kernels; their FLOPs are estimated from the tiles the masks show "
+                         "(XLA's cost analysis does not count inside custom calls, and its HBM bytes do not follow "
+                         "the kernels' own tile reads)")
     cfg = config.prior_train
     if cfg.microbatches > 1:
         notes.append(f"{cfg.microbatches} microbatches of {cfg.batch_size // cfg.microbatches}")
     return _report("train", config, topology, mesh, [program], [train_model_flops(config.prior, cfg.batch_size)],
                    cfg.batch_size, config.prior.seq_len, notes)
+
+
+def _split_over(mesh: jax.sharding.Mesh, rules: Any) -> int:
+    """Chips the splash kernels' batch x heads work is split over (the shard_map's mesh axes)."""
+    spec = sharding.logical_to_spec(splash.SHARDED_AXES, rules)
+    names = [n for entry in spec if entry is not None for n in ((entry,) if isinstance(entry, str) else entry)]
+    return math.prod(mesh.shape[n] for n in names)
 
 
 def _report(mode: str, config: Config, topology: Topology, mesh: jax.sharding.Mesh, programs: list[Compiled],

@@ -242,6 +242,11 @@ def axis_rules(rules: Rules) -> Iterator[None]:
         _ACTIVE_RULES.reset(token)
 
 
+def active_rules() -> Rules | None:
+    """The rules set by the enclosing `axis_rules`, or None (then models run unsharded)."""
+    return _ACTIVE_RULES.get()
+
+
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     """`with_sharding_constraint` by logical names, under the mesh set with `jax.set_mesh`.
 

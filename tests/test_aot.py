@@ -127,3 +127,28 @@ def test_cli_names_an_indivisible_mesh(capsys):
     args = parser.parse_args(["aot", "--preset", "quick", "--topology", "v5e-8", "--mesh", "1,1,8", "--no-count"])
     assert args.func(args) == 2
     assert "not divisible" in capsys.readouterr().out
+
+
+@needs_libtpu
+def test_splash_attention_compiles_into_the_train_step_as_pallas_kernels():
+    config = _quick(attention_impl="splash")  # 2 layers: row, conv
+    report = aot.compile_train_step(config, "v5e-8", count_layers=False)
+    (program,) = report.programs
+    assert not program.error and report.fits
+    masks = len(config.prior.masks()[2])
+    # Per distinct mask one forward kernel (saving the softmax statistics) and the dq and dkv backward kernels.
+    for phase in ("fwd_residuals", "dq_no_residuals", "dkv_no_residuals"):
+        assert program.kernels.get(f"splash_mha_{phase}", 0) >= masks, program.kernels
+    assert "Pallas kernels" in report.format() and "splash_mha_fwd_residuals" in report.format()
+    dense = aot.compile_train_step(_quick(attention_impl="dense"), "v5e-8", count_layers=False)
+    assert dense.programs[0].kernels == {}
+
+
+@needs_libtpu
+def test_no_count_prints_no_step_time_from_one_layers_flops(capsys):
+    parser = argparse.ArgumentParser()
+    aot.register_cli(parser.add_subparsers())
+    args = parser.parse_args(["aot", "--preset", "quick", "--topology", "v5e-8", "--no-count"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "not estimated (--no-count" in out and "MFU at that time" not in out

@@ -29,12 +29,13 @@ import numpy as np
 from flax import nnx
 
 from dalle_jax.models import masks as masks_lib
+from dalle_jax.models import splash as splash_lib
 from dalle_jax.models.init import ones as _ones
 from dalle_jax.models.init import param as _param
 from dalle_jax.sharding import constrain
 
 RESIDUAL = ("batch", "length", None)
-ATTENTION_IMPLS = ("dense", "blocked")
+ATTENTION_IMPLS = ("dense", "blocked", "splash")
 HEADS = ("batch", "length", "heads", None)
 REMAT_POLICIES = {
     "none": None,
@@ -70,9 +71,14 @@ class PriorConfig:
     remat: str = "none"  # none | full | dots
     # Training/full-sequence attention: "dense" is the reference (masked softmax over all keys); "blocked" computes
     # the same values but splits queries into blocks of `attention_block` and skips the keys past the last one
-    # any layer's mask lets the block see (~40% of the scores at 320 tokens). Cached prefill/decode stay dense.
+    # any layer's mask lets the block see (~40% of the scores at 320 tokens). "splash": a Pallas TPU kernel that
+    # computes only the (splash_block x splash_block) tiles each layer's own mask shows (models/splash.py; 44% of
+    # the tiles at the paper's 1280 tokens, a causal mask shows 55%). Cached prefill/decode stay dense.
     attention_impl: str = "blocked"
     attention_block: int = 64
+    splash_block: int = 128  # splash tile size (queries and keys); a multiple of the TPU lane width, 128
+    # The splash kernel compiles only for TPU; True runs it in Pallas interpret mode elsewhere (CPU tests; slow).
+    splash_interpret: bool = False
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -84,6 +90,9 @@ class PriorConfig:
             raise ValueError(f"prior.attention_impl='{self.attention_impl}': choose one of {ATTENTION_IMPLS}")
         if self.attention_block < 1:
             raise ValueError(f"prior.attention_block={self.attention_block} must be >= 1")
+        if self.splash_block < 128 or self.splash_block % 128:
+            raise ValueError(f"prior.splash_block={self.splash_block} must be a positive multiple of 128 (the "
+                             f"splash kernel tiles keys by the TPU lane width)")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"prior.compute_dtype='{self.compute_dtype}': float32 or bfloat16")
         if not 0.0 <= self.dropout < 1.0:
@@ -209,6 +218,7 @@ class Prior(nnx.Module):
         masks = jnp.asarray(mask_stack)
         full = cache is None and isinstance(start, int) and start == 0 and s == c.seq_len
         blocks = query_blocks(c) if full and c.attention_impl == "blocked" else None
+        use_splash = full and c.attention_impl == "splash"
         dtype = jnp.dtype(c.compute_dtype)
         train_dropout = c.dropout > 0 and dropout_key is not None
         keys = (jax.random.split(dropout_key, c.n_layers) if train_dropout
@@ -218,7 +228,7 @@ class Prior(nnx.Module):
             p, mask_index, key, k_cache, v_cache = xs
             mask = jax.lax.dynamic_index_in_dim(masks, mask_index, keepdims=False)
             x, new_kv = _block(x, p, mask, start, k_cache, v_cache, c, dtype,
-                               key if train_dropout else None, blocks)
+                               key if train_dropout else None, blocks, mask_index if use_splash else None)
             return x, new_kv
 
         if c.remat != "none":
@@ -251,11 +261,12 @@ class Prior(nnx.Module):
 
 def _block(x: jax.Array, p: dict, mask: jax.Array, start: jax.Array | int, k_cache: jax.Array | None,
            v_cache: jax.Array | None, c: PriorConfig, dtype: Any, key: jax.Array | None,
-           blocks: tuple[tuple[int, int, int], ...] | None = None
+           blocks: tuple[tuple[int, int, int], ...] | None = None, splash_mask_index: jax.Array | None = None
            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block. x (B, S, d) fp32 residual stream; mask (L, L) bool for this layer.
 
-    `blocks` (full sequence, no cache) selects the "blocked" attention.
+    `blocks` selects the "blocked" attention, `splash_mask_index` (this layer's index into the mask stack) the
+    splash kernel; both only for the full sequence without a cache.
     """
     w = {name: v.astype(dtype) for name, v in p.items() if name[0] in "wb"}
     h = layer_norm(x, p["ln1_scale"], p["ln1_bias"]).astype(dtype)
@@ -269,7 +280,9 @@ def _block(x: jax.Array, p: dict, mask: jax.Array, start: jax.Array | int, k_cac
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
         new_kv = (k, v)
     k, v = k.astype(dtype), v.astype(dtype)
-    if blocks is None:
+    if splash_mask_index is not None:  # the same values from the block-sparse TPU kernel (models/splash.py)
+        attn = splash_lib.splash_attention(q, k, v, splash_mask_index, c)
+    elif blocks is None:
         attn = attend(q, k, v, mask, start)
     else:  # same values, without the key blocks no query of a block can see (see query_blocks)
         attn = jnp.concatenate([attend(q[:, a:b], k[:, :hi], v[:, :hi], mask, a) for a, b, hi in blocks], axis=1)
