@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
-import inspect
 import math
 import sys
 import types
@@ -89,21 +88,17 @@ def _unrolled_scans() -> Iterator[None]:
         yield
 
 
-def xla_flops(step: Callable, state: Any, batch: Any, mesh: Any, rules: Any) -> float | None:
+def xla_flops(step: Callable, state: Any, batch: Any) -> float | None:
     """XLA's FLOP count of a train step from `make_prior_step`, layers unrolled; None if it cannot be read.
 
-    The step is a closure around its jitted function (`loop.make_train_step`); that function is reached through
-    the closure, since lowering needs the jitted object. Only lowered (traced, not compiled or run).
+    Uses the step's `lower` (loop.make_train_step), traced with every scan unrolled: only lowered, not compiled
+    or run. Pass a fresh step, so the timed step's trace cache never sees the unrolling.
     """
-    import jax
-
-    from dalle_jax import sharding
-
-    jitted = inspect.getclosurevars(step).nonlocals.get("jitted")
-    if not hasattr(jitted, "lower"):
+    lower = getattr(step, "lower", None)
+    if lower is None:
         return None
-    with _unrolled_scans(), jax.set_mesh(mesh), sharding.axis_rules(rules):
-        analysis = jitted.lower(state, batch).cost_analysis()
+    with _unrolled_scans():
+        analysis = lower(state, batch).cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
@@ -143,7 +138,7 @@ class JaxRun:
 
         step = make_prior_step(self.train_config, self.prior_config, make_optimizer(self.train_config), self.spec,
                                self.mesh, self.rules, self.prior_config.text_vocab_size)
-        return xla_flops(step, self.state, self.batch, self.mesh, self.rules)
+        return xla_flops(step, self.state, self.batch)
 
 
 def build_jax_run(prior_config: Any, train_config: Any, seed: int = 0) -> JaxRun:
@@ -405,7 +400,7 @@ def prior_train(quick: bool) -> dict[str, Any]:
         "notes": "Median wall time per step after the first (compiling) step and warm-up, runs interleaved "
                  "round-robin. Model FLOPs = 6 * N_nonembedding * tokens + 6 * batch * d * (text_len * "
                  "text_vocab + image_len * image_vocab) + 12 * n_layers * heads * head_dim * seq_len * tokens "
-                 "(dense attention, PaLM's convention; the blocked attention computes 60% of those scores). "
+                 "(dense attention, PaLM's convention; at the bench size the blocked attention computes 60% of them). "
                  "xla_gflop_per_step is "
                  "XLA's cost_analysis of the same step with the layer scan unrolled; it adds elementwise work. "
                  "MFU = model FLOP/s at the median step / best measured matmul FLOP/s of the dtype; torch MFU "
