@@ -253,6 +253,7 @@ class Report:
     jax: str
     date: str
     notes: list[str] = dataclasses.field(default_factory=list)
+    layers_counted: bool = True  # False (--no-count): FLOPs/bytes are one layer's, so no step time is estimated
 
     @property
     def hbm_bytes(self) -> float:
@@ -334,7 +335,7 @@ class Report:
                                                                            for name, n in p.kernels.items()))
             lines.append(f"    model FLOPs (whole slice)    {self.model_flops[index]:14.4g}   "
                          f"({self.model_flops[index] / self.chips:.4g} per chip)")
-            if _RAW_NOTE in self.notes:  # one layer's FLOPs: a step time from them would be meaningless
+            if not self.layers_counted:  # one layer's FLOPs: a step time from them would be meaningless
                 lines.append("    estimated time               not estimated (--no-count: one layer's FLOPs)")
             else:
                 lines += [f"    estimated time               {max(compute, memory) * 1e3:11.2f} ms   = max(compute "
@@ -539,7 +540,7 @@ def compile_train_step(config: Config, topology: str | Topology, batch: int | No
     if cfg.microbatches > 1:
         notes.append(f"{cfg.microbatches} microbatches of {cfg.batch_size // cfg.microbatches}")
     return _report("train", config, topology, mesh, [program], [train_model_flops(config.prior, cfg.batch_size)],
-                   cfg.batch_size, config.prior.seq_len, notes)
+                   cfg.batch_size, config.prior.seq_len, notes, count_layers)
 
 
 def _split_over(mesh: jax.sharding.Mesh, rules: Any) -> int:
@@ -550,7 +551,7 @@ def _split_over(mesh: jax.sharding.Mesh, rules: Any) -> int:
 
 
 def _report(mode: str, config: Config, topology: Topology, mesh: jax.sharding.Mesh, programs: list[Compiled],
-            model_flops: list[float], batch: int, tokens: int, notes: list[str]) -> Report:
+            model_flops: list[float], batch: int, tokens: int, notes: list[str], layers_counted: bool) -> Report:
     from dalle_jax.models.transformer import count_params
 
     slices = f"{topology.num_slices} x " if topology.num_slices > 1 else ""
@@ -559,7 +560,8 @@ def _report(mode: str, config: Config, topology: Topology, mesh: jax.sharding.Me
                   batch=batch, batch_shards=sharding.data_parallel_size(mesh, config.mesh.rules), tokens=tokens,
                   compute_dtype=config.prior.compute_dtype, remat=config.prior.remat,
                   params=count_params(config.prior), programs=programs, model_flops=model_flops,
-                  libtpu=libtpu_version(), jax=jax.__version__, date=time.strftime("%Y-%m-%d"), notes=notes)
+                  libtpu=libtpu_version(), jax=jax.__version__, date=time.strftime("%Y-%m-%d"), notes=notes,
+                  layers_counted=layers_counted)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -648,7 +650,7 @@ def compile_sample_step(config: Config, topology: str | Topology, batch: int | N
     notes = [counted if count_layers else _RAW_NOTE,
              "a full sample is one prefill + image_len - 1 decode steps (the sampler runs them in one program); "
              "attention is dense over the whole cache"]
-    return _report("sample", config, topology, mesh, programs, model_flops, batch, p.seq_len, notes)
+    return _report("sample", config, topology, mesh, programs, model_flops, batch, p.seq_len, notes, count_layers)
 
 
 # --------------------------------------------------------------------------------------------------
