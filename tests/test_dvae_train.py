@@ -152,13 +152,14 @@ def test_revived_codes_take_over_their_donor_tokens_unchanged():
     embed = rng.normal(size=(vocab, n_init)).astype(np.float32)
     features = np.abs(rng.normal(size=(2, 3, 4, n_feat))).astype(np.float32)
     params = {"encoder": {"output": {"w": codes[None, None]}}, "decoder": {"input": {"w": embed[None, None]}}}
-    new, revived = dvae_train.revive_dead_codes(params, jax.numpy.asarray(features), jax.random.key(1))
+    new, used_after = dvae_train.revive_dead_codes(params, jax.numpy.asarray(features), jax.random.key(1))
     new_codes = np.asarray(new["encoder"]["output"]["w"][0, 0])
     new_embed = np.asarray(new["decoder"]["input"]["w"][0, 0])
     flat = features.reshape(-1, n_feat)
     picked = np.argmax(2 * flat @ codes - np.sum(codes**2, axis=0), axis=1)
     dead = np.setdiff1d(np.arange(vocab), np.unique(picked))
-    assert int(revived) == len(dead) > 0
+    assert int(np.sum(~np.asarray(used_after))) == len(dead) > 0
+    np.testing.assert_array_equal(np.flatnonzero(~np.asarray(used_after)), dead)
     keep = np.setdiff1d(np.arange(vocab), dead)
     np.testing.assert_array_equal(new_codes[:, keep], codes[:, keep])  # live codes untouched
     np.testing.assert_array_equal(new_embed[keep], embed[keep])

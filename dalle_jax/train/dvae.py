@@ -114,10 +114,9 @@ def revive_dead_codes(params: dict, features: jax.Array, key: jax.Array) -> tupl
     donor token's feature f_t as its vector (distance 0, so it wins t) and the decoder embedding of the code t
     picks now (so t decodes as before). Donors are drawn with probability proportional to their squared distance
     to their current code (k-means++ seeding): badly quantised tokens (object edges) rather than the background.
-    Returns (params, number of codes revived).
+    Returns (params, the (K,) bool mask of codes that were in use, i.e. kept).
     """
-    codes = params["encoder"]["output"]["w"][0, 0]  # (C, K)
-    embed = params["decoder"]["input"]["w"][0, 0]  # (K, n_init)
+    codes, embed = _codebook(params)  # (C, K), (K, n_init)
     flat = features.reshape(-1, features.shape[-1]).astype(jnp.float32)  # (N, C)
     logits = 2 * flat @ codes - jnp.sum(jnp.square(codes), axis=0)
     picked = jnp.argmax(logits, axis=-1)  # (N,)
@@ -127,10 +126,18 @@ def revive_dead_codes(params: dict, features: jax.Array, key: jax.Array) -> tupl
     donors = jax.random.choice(key, flat.shape[0], (codes.shape[1],), p=p)  # one donor per code
     new_codes = jnp.where(used[None, :], codes, flat[donors].T)
     new_embed = jnp.where(used[:, None], embed, embed[picked[donors]])
-    params = {**params,
-              "encoder": {**params["encoder"], "output": {**params["encoder"]["output"], "w": new_codes[None, None]}},
-              "decoder": {**params["decoder"], "input": {**params["decoder"]["input"], "w": new_embed[None, None]}}}
-    return params, jnp.sum(~used)
+    return _with_codebook(params, new_codes, new_embed), used
+
+
+def _codebook(params: dict) -> tuple[jax.Array, jax.Array]:
+    """(code vectors (C, K), decoder embeddings (K, n_init)) of a dVAE's params."""
+    return params["encoder"]["output"]["w"][0, 0], params["decoder"]["input"]["w"][0, 0]
+
+
+def _with_codebook(params: dict, codes: jax.Array, embed: jax.Array) -> dict:
+    return {**params,
+            "encoder": {**params["encoder"], "output": {**params["encoder"]["output"], "w": codes[None, None]}},
+            "decoder": {**params["decoder"], "input": {**params["decoder"]["input"], "w": embed[None, None]}}}
 
 
 def with_code_revival(train_step: Any, spec: loop.StateSpec, mesh, cfg: DVAETrainConfig) -> Any:
@@ -143,11 +150,12 @@ def with_code_revival(train_step: Any, spec: loop.StateSpec, mesh, cfg: DVAETrai
     def revive(state: dict, images: jax.Array, key: jax.Array) -> tuple[dict, jax.Array]:
         model = loop.merged_model(spec, state["params"])
         features = model.encoder.features(map_pixels(images.astype(jnp.float32) / 255.0))
-        params, revived = revive_dead_codes(state["params"], features, key)
-        # The EMA takes the revived entries as they are (an average with the dead vector would be neither).
-        ema = jax.tree.map(lambda e, old, new: jnp.where(new != old, new, e), state["ema_params"], state["params"],
-                           params)
-        return {**state, "params": params, "ema_params": ema}, revived
+        params, used = revive_dead_codes(state["params"], features, key)
+        # The EMA takes the revived codes as they are (an average with the dead vector would be neither).
+        (codes, embed), (ema_codes, ema_embed) = _codebook(params), _codebook(state["ema_params"])
+        ema = _with_codebook(state["ema_params"], jnp.where(used[None, :], ema_codes, codes),
+                             jnp.where(used[:, None], ema_embed, embed))
+        return {**state, "params": params, "ema_params": ema}, jnp.sum(~used)
 
     done = {"step": None}  # host-side step count (read once from the state: resume-safe, no per-step sync)
 
