@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 DESCRIPTION = """\
 DALL-E in JAX/Flax: a discrete VAE turns images into tokens, a sparse-attention transformer learns
@@ -97,6 +98,33 @@ def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "demo
     from dalle_jax.distributed import add_distributed_args
 
     add_distributed_args(parser)
+
+
+def add_trainer_parser(subparsers: Any, name: str, *, data_help: str, out_help: str, func: Any,
+                       **parser_kwargs: Any) -> argparse.ArgumentParser:
+    """A stage that trains on a dataset with the run's tokenizer: --data, --out, --tokenizer, --quiet, config."""
+    parser = subparsers.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **parser_kwargs)
+    parser.add_argument("--data", required=True, help=data_help)
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--tokenizer", help="tokenizer JSON (default OUT/tokenizer.json)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_args(parser)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def run_trainer(args: argparse.Namespace, train: Any, label: str, summary_keys: tuple[str, ...]) -> int:
+    """Runs `train(config, dataset_dir, tokenizer_path, out, progress=)` from the parsed arguments and prints
+    its final step and metrics. A preempted run saved its checkpoint (rerun to resume), so it also returns 0."""
+    from dalle_jax import config as config_lib
+
+    config = config_lib.resolve(args.preset, args.set)
+    tokenizer = args.tokenizer or str(Path(args.out) / "tokenizer.json")
+    result = train(config, find_dataset_dir(args.data), tokenizer, args.out, progress=not args.quiet)
+    m = result["metrics"]
+    summary = ", ".join(f"{k} {m[k]:.4f}" for k in summary_keys if k in m)
+    print(f"{label}: step {result['step']} -> {result['run_dir']}" + (f" ({summary})" if summary else ""))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -329,7 +329,7 @@ def _demo() -> Config:
                         codebook_init_std=1.0),
         dvae_train=DVAETrainConfig(batch_size=32, log_every=50, eval_every=250, save_every=250).scaled_to(
             1000, learning_rate=1e-3, learning_rate_end=1e-4, likelihood="mse", kl_weight=0.0,
-            temperature_steps=1000, revive_every=50),
+            temperature_steps=1000, revive_every=50, num_eval_images=256),
         # 4 layers (row, column, row, conv) over 24 + 64 tokens; the 11x11 conv at 32x32 becomes 3x3 at 8x8.
         # remat "dots": recomputing softmax/GELU/LayerNorm moves less memory than saving them (faster on CPU).
         prior=PriorConfig(d_model=256, n_layers=4, n_heads=8, head_dim=32, conv_kernel=3, remat="dots"),

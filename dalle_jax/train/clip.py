@@ -23,7 +23,6 @@ the ceiling at 0.942 in-distribution, 0.851 held-out, 0.909 overall (1k validati
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -300,11 +299,14 @@ def load_clip(run_or_clip_dir: str | Path, use_ema: bool | None = None) -> tuple
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-def register_cli(subparsers: Any) -> None:
-    from dalle_jax.cli import add_config_args
+CLIP_SUMMARY = ("loss", "eval/retrieval_top1", "eval/retrieval_top1_heldout", "eval/image_to_text_top1")
 
-    parser = subparsers.add_parser(
-        "train-clip", help="train the CLIP-style reranker on images + captions",
+
+def register_cli(subparsers: Any) -> None:
+    from dalle_jax.cli import add_trainer_parser, run_trainer
+
+    add_trainer_parser(
+        subparsers, "train-clip", help="train the CLIP-style reranker on images + captions",
         description="Trains a small dual encoder (ViT image tower, transformer text tower over the run's BPE ids) "
                     "with a symmetric InfoNCE loss and a learned temperature; the sampler uses it to rerank. "
                     "Evaluates zero-shot caption -> image retrieval among clip_train.retrieval_batch validation "
@@ -312,24 +314,6 @@ def register_cli(subparsers: Any) -> None:
                     "TensorBoard events, loss/retrieval curves go to OUT/clip; rerunning resumes.",
         epilog="example: dalle-jax train-clip --data runs/data --tokenizer runs/tokenizer.json --out runs/demo "
                "--preset demo",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True,
-                        help="image dataset (`dalle-jax data shapes` / `data folder`) or a dir above it")
-    parser.add_argument("--out", required=True, help="run directory; the reranker goes to OUT/clip")
-    parser.add_argument("--tokenizer", help="tokenizer JSON (default OUT/tokenizer.json)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_config_args(parser)
-    parser.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from dalle_jax.cli import find_dataset_dir
-
-    config = config_lib.resolve(args.preset, args.set)
-    tokenizer = args.tokenizer or str(Path(args.out) / "tokenizer.json")
-    result = train_clip(config, find_dataset_dir(args.data), tokenizer, args.out, progress=not args.quiet)
-    m = result["metrics"]
-    summary = ", ".join(f"{k} {m[k]:.4f}" for k in ("loss", "eval/retrieval_top1", "eval/retrieval_top1_heldout",
-                                                     "eval/image_to_text_top1") if k in m)
-    print(f"clip: step {result['step']} -> {result['run_dir']}" + (f" ({summary})" if summary else ""))
-    return 0  # a preempted run saved its checkpoint; rerun to resume
+        data_help="image dataset (`dalle-jax data shapes` / `data folder`) or a dir above it",
+        out_help="run directory; the reranker goes to OUT/clip",
+        func=lambda args: run_trainer(args, train_clip, "clip", CLIP_SUMMARY))

@@ -8,7 +8,6 @@ global-norm clipping 4, linear warm-up then halving on plateaus (or cosine), par
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -273,34 +272,20 @@ def make_prior_step(cfg: PriorTrainConfig, model_cfg: PriorConfig, optimizer, sp
         state_metrics=lambda state: {"lr_scale": plateau_scale(state["opt_state"])})
 
 
-def register_cli(subparsers: Any) -> None:
-    from dalle_jax.cli import add_config_args
+PRIOR_SUMMARY = ("loss", "eval/image_loss", "eval/image_loss_heldout", "eval/text_loss")  # printed at the end
 
-    parser = subparsers.add_parser(
-        "train-prior", help="train the transformer prior (stage 2)",
+
+def register_cli(subparsers: Any) -> None:
+    from dalle_jax.cli import add_trainer_parser, run_trainer
+
+    add_trainer_parser(
+        subparsers, "train-prior", help="train the transformer prior (stage 2)",
         description="Trains the sparse transformer on [caption BPE ids | dVAE image tokens] with the paper's "
                     "recipe (weighted CE 1/8 text, 7/8 image; AdamW 0.9/0.96, wd 4.5e-2; clip 4; warm-up then "
                     "lr halving on plateaus; EMA 0.99). Checkpoints, metrics.jsonl, TensorBoard events and "
                     "loss_curve.png go to OUT/prior; rerunning resumes from the last checkpoint.",
         epilog="example: dalle-jax train-prior --data runs/demo/tokens --tokenizer runs/demo/tokenizer.json "
                "--preset demo --out runs/demo",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="token dataset written by `dalle-jax encode` (or a dir above it)")
-    parser.add_argument("--out", required=True, help="run directory; the prior goes to OUT/prior")
-    parser.add_argument("--tokenizer", help="tokenizer JSON (default OUT/tokenizer.json)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_config_args(parser)
-    parser.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from dalle_jax.cli import find_dataset_dir
-
-    config = config_lib.resolve(args.preset, args.set)
-    tokenizer = args.tokenizer or str(Path(args.out) / "tokenizer.json")
-    result = train_prior(config, find_dataset_dir(args.data), tokenizer, args.out, progress=not args.quiet)
-    m = result["metrics"]
-    summary = ", ".join(f"{k} {m[k]:.4f}" for k in ("loss", "eval/image_loss", "eval/image_loss_heldout",
-                                                     "eval/text_loss") if k in m)
-    print(f"prior: step {result['step']} -> {result['run_dir']}" + (f" ({summary})" if summary else ""))
-    return 0  # a preempted run saved its checkpoint; rerun to resume
+        data_help="token dataset written by `dalle-jax encode` (or a dir above it)",
+        out_help="run directory; the prior goes to OUT/prior",
+        func=lambda args: run_trainer(args, train_prior, "prior", PRIOR_SUMMARY))
