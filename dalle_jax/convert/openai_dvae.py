@@ -389,12 +389,10 @@ def convert(encoder_path: str | Path, decoder_path: str | Path, out_dir: str | P
 
 def find_dvae_dir(run_or_out_dir: str | Path) -> Path:
     """The directory holding dvae_config.json: the given one, or its `dvae/` (a training run directory)."""
-    root = Path(run_or_out_dir)
-    for candidate in (root, root / "dvae"):
-        if (candidate / "dvae_config.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"no dvae_config.json in {root} or {root / 'dvae'}: pass the --out of "
-                            f"`dalle-jax convert openai-dvae` or a run directory of `dalle-jax train-dvae`")
+    from dalle_jax.train.checkpoint import find_model_dir
+
+    return find_model_dir(run_or_out_dir, "dvae", "dvae_config.json", "pass the --out of `dalle-jax convert "
+                          "openai-dvae` or a run directory of `dalle-jax train-dvae`")
 
 
 def load_dvae(run_or_out_dir: str | Path, use_ema: bool = True) -> DVAE:

@@ -44,6 +44,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, NamedTuple
 
@@ -470,3 +471,13 @@ def write_config_once(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> 
             tmp.rename(path)
     ocp.multihost.sync_global_processes("dalle_jax_write_config_once")
     return path
+
+
+def find_model_dir(path: str | os.PathLike, stage: str, config_name: str, hint: str) -> Path:
+    """The directory holding `config_name`: `path` itself or its `stage/` subdirectory (a run directory).
+    FileNotFoundError names both places and `hint` (how to make one)."""
+    root = Path(path)
+    for candidate in (root, root / stage):
+        if (candidate / config_name).is_file():
+            return candidate
+    raise FileNotFoundError(f"no {config_name} in {root} or {root / stage}: {hint}")

@@ -271,12 +271,10 @@ def train_clip(config: Config, dataset_dir: str | Path, tokenizer_path: str | Pa
 
 def find_clip_dir(run_or_clip_dir: str | Path) -> Path:
     """The directory holding clip_config.json: the given one or its `clip/` (a run directory)."""
-    root = Path(run_or_clip_dir)
-    for candidate in (root, root / "clip"):
-        if (candidate / "clip_config.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"no clip_config.json in {root} or {root / 'clip'}: pass the --out of "
-                            f"`dalle-jax train-clip` (or its clip/ directory)")
+    from dalle_jax.train.checkpoint import find_model_dir
+
+    return find_model_dir(run_or_clip_dir, "clip", "clip_config.json",
+                          "pass the --out of `dalle-jax train-clip` (or its clip/ directory)")
 
 
 def load_clip(run_or_clip_dir: str | Path, use_ema: bool | None = None) -> tuple[CLIP, TextTokenizer, Config]:
