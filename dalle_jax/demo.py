@@ -227,15 +227,18 @@ def accuracy_table(prompts: list[str], kept: list[list[Any]], key: str) -> dict:
             "any_of_n": float(np.mean(oracle))}
 
 
-def save_sample_grid(path: Path, prompts: list[str], kept: list[list[Any]], columns: int) -> None:
-    """One row per prompt: its caption, then the top `columns` samples by CLIP score."""
+def save_sample_grid(path: Path, prompts: list[str], kept: list[list[Any]], columns: int, rows: int = 16) -> None:
+    """One row per distinct prompt (its first occurrence, at most `rows`): the caption, then its top `columns`
+    samples by CLIP score."""
     from dalle_jax.images import save_grid
 
+    first = {prompt: p for p, prompt in reversed(list(enumerate(prompts)))}
+    shown = sorted(first.values())[:rows]
     tiles, labels = [], []
-    for prompt, candidates in zip(prompts, kept, strict=True):
-        for r, c in enumerate(candidates[:columns]):
+    for p in shown:
+        for r, c in enumerate(kept[p][:columns]):
             tiles.append(c.image)
-            labels.append(prompt if r == 0 else f"#{r}")
+            labels.append(prompts[p] if r == 0 else f"#{r}")
     save_grid(path, tiles, labels, columns=columns, scale=max(1, 96 // tiles[0].shape[0]))
 
 

@@ -73,3 +73,18 @@ def test_prompt_sets_cover_the_pairs_and_keep_the_holdout_apart():
     for name in ("position", "relations"):
         assert not any(pair in p for p in sets[name] for pair in holdout), name
     assert prompt_sets(config, 32, seed=3) == sets and prompt_sets(config, 32, seed=4) != sets
+
+
+def test_sample_grid_shows_each_distinct_prompt_once(tmp_path):
+    from PIL import Image
+
+    from dalle_jax.demo import save_sample_grid
+
+    rng = np.random.default_rng(0)
+    prompts = ["a red circle", "a blue square", "a red circle", "a green cross", "a blue square"]
+    kept = [_candidates(rng, 4, p.split()[2], p.split()[1])[0] for p in prompts]
+    save_sample_grid(tmp_path / "grid.png", prompts, kept, columns=4)
+    save_sample_grid(tmp_path / "two.png", prompts, kept, columns=4, rows=2)
+    with Image.open(tmp_path / "grid.png") as grid, Image.open(tmp_path / "two.png") as two:
+        # same tile layout, so the height grows with the row count: 3 distinct prompts vs 2
+        assert grid.size[0] == two.size[0] and grid.size[1] * 2 == pytest.approx(two.size[1] * 3, rel=0.05)
