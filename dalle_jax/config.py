@@ -333,11 +333,13 @@ def _demo() -> Config:
         # 4 layers (row, column, row, conv) over 24 + 64 tokens; the 11x11 conv at 32x32 becomes 3x3 at 8x8.
         # remat "dots": recomputing softmax/GELU/LayerNorm moves less memory than saving them (faster on CPU).
         prior=PriorConfig(d_model=256, n_layers=4, n_heads=8, head_dim=32, conv_kernel=3, remat="dots"),
-        # Short runs: cosine instead of plateau halving (there is no plateau to detect in 600 steps); caption
-        # dropout so the sampler's classifier-free guidance has an unconditional model.
-        prior_train=PriorTrainConfig(batch_size=32, steps=600, learning_rate=1e-3, warmup_steps=60,
-                                     lr_schedule="cosine", caption_dropout=0.1, log_every=50, eval_every=200,
-                                     save_every=200, eval_batches=8),
+        # Short runs: cosine instead of plateau halving (there is no plateau to detect in 1200 steps); caption
+        # dropout so the sampler's classifier-free guidance has an unconditional model. Batch 16 x 1200 steps sees
+        # the same 19.2k sequences as 32 x 600 at ~1.1x the time and learns more from them (validation image loss
+        # 0.627 vs 0.664; per-sample caption match 22% vs 16% in-distribution on the same prompts and seed).
+        prior_train=PriorTrainConfig(batch_size=16, steps=1200, learning_rate=1e-3, warmup_steps=120,
+                                     lr_schedule="cosine", caption_dropout=0.1, log_every=50, eval_every=400,
+                                     save_every=400, eval_batches=16),
         # CLIP reranker: a 3-layer ViT over 4x4 patches of 8 px (attention pooling) and a 2-layer text transformer,
         # 1.15M parameters. Measured on 32 px shapes (10k train), 2 busy cores (load 6-7): 800 steps in 4 min 40 s
         # wall (0.3 s/step; ~0.22 quiet); caption -> image top-1 among 32: 0.83 in-distribution, 0.65 held-out
