@@ -87,6 +87,7 @@ class DataConfig:
     num_test: int = 1000
     holdout: str = "red triangle,blue circle,yellow cross,green square"
     seed: int = 0
+    grid: int = 1  # shapes: object corners snap to multiples of this many px (ShapesSpec.grid)
     read_threads: int = 2
     prefetch: int = 2
 

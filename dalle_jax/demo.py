@@ -111,12 +111,11 @@ class Demo:
     # ---- the stages
 
     def data(self) -> dict:
-        from dalle_jax.data.shapes import ShapesSpec, build_shapes, parse_holdout
+        from dalle_jax.data.pipeline import shapes_spec
+        from dalle_jax.data.shapes import build_shapes
 
-        d = self.config.data
-        spec = ShapesSpec(image_size=d.image_size, num_train=d.num_train, num_validation=d.num_validation,
-                          num_test=d.num_test, holdout=parse_holdout(d.holdout), seed=d.seed)
-        return {"dataset_dir": build_shapes(str(self.run / "data"), spec), "num_train": d.num_train}
+        spec = shapes_spec(self.config.data)
+        return {"dataset_dir": build_shapes(str(self.run / "data"), spec), "num_train": spec.num_train}
 
     def tokenizer(self) -> dict:
         from dalle_jax.data.tokenizer import TextTokenizer, captions_from_dataset

@@ -103,9 +103,9 @@ def test_same_seed_same_examples_and_different_seed_differs():
     assert captions["train"] != captions["test"]
 
 
-@pytest.mark.parametrize("image_size,count", [(64, 300), (32, 150)])
-def test_rendered_examples_follow_the_spec(image_size, count):
-    spec = ShapesSpec(image_size=image_size, seed=int(np.random.default_rng().integers(1000)))
+@pytest.mark.parametrize("image_size,count,grid", [(64, 300, 1), (32, 150, 1), (32, 150, 4)])
+def test_rendered_examples_follow_the_spec(image_size, count, grid):
+    spec = ShapesSpec(image_size=image_size, seed=int(np.random.default_rng().integers(1000)), grid=grid)
     sides = EXPECTED_SIDES[image_size]
     margin = max(1.0, image_size / 32)
     templates_seen = set()
@@ -124,6 +124,7 @@ def test_rendered_examples_follow_the_spec(image_size, count):
         for obj in objects:
             x0, y0, x1, y1 = obj["box"]
             assert 0 <= x0 < x1 <= image_size and 0 <= y0 < y1 <= image_size
+            assert x0 % grid == 0 and y0 % grid == 0
             assert x1 - x0 == y1 - y0 == sides[obj["size"]]
             assert obj["center"] == [(x0 + x1) / 2, (y0 + y1) / 2]
             outside_all_boxes[y0:y1, x0:x1] = False
@@ -172,6 +173,16 @@ def test_rendered_examples_follow_the_spec(image_size, count):
                 else:
                     assert chebyshev >= image_size / 6 + margin and min(abs(cx), abs(cy)) >= margin
     assert templates_seen == set(range(5))
+    if grid == 1:  # unaligned corners really use sub-grid offsets (so the grid=4 case tests something)
+        boxes = [o["box"] for i in range(40) for o in render_example(spec, "validation", i)["objects"]]
+        assert any(x0 % 4 or y0 % 4 for x0, y0, _, _ in boxes)
+
+
+def test_grid_names_a_new_dataset_and_keeps_the_old_names():
+    assert "grid" not in json.loads(ShapesSpec().to_json())  # grid 1: the name datasets had before the field
+    assert ShapesSpec(grid=4).config_name() != ShapesSpec().config_name()
+    with pytest.raises(ValueError, match="grid=9"):
+        ShapesSpec(image_size=32, grid=9)
 
 
 def test_template_weights_choose_the_template():

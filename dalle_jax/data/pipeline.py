@@ -138,6 +138,16 @@ def device_batch(host_batch: dict, mesh: jax.sharding.Mesh, rules: sharding.Rule
     return sharding.shard_batch(numeric, mesh, rules)
 
 
+def shapes_spec(data_config: Any) -> Any:
+    """The built-in shapes dataset that `data_config` (a `DataConfig`) describes."""
+    from dalle_jax.data import shapes
+
+    return shapes.ShapesSpec(image_size=data_config.image_size, num_train=data_config.num_train,
+                             num_validation=data_config.num_validation, num_test=data_config.num_test,
+                             holdout=shapes.parse_holdout(data_config.holdout), seed=data_config.seed,
+                             grid=data_config.grid)
+
+
 def dataset_dir_for(data_config: Any, run_dir: str | Path) -> Path:
     """The dataset a run trains on: `data.data_dir` if set, else the built-in shapes data built in the run dir
     (built once; rebuilding with the same spec reuses it)."""
@@ -148,9 +158,7 @@ def dataset_dir_for(data_config: Any, run_dir: str | Path) -> Path:
                            f"`dalle-jax data folder SRC --out DIR` and pass --set data.data_dir=<printed dir>")
     from dalle_jax.data import shapes
 
-    spec = shapes.ShapesSpec(image_size=data_config.image_size, num_train=data_config.num_train,
-                             num_validation=data_config.num_validation, num_test=data_config.num_test,
-                             holdout=shapes.parse_holdout(data_config.holdout), seed=data_config.seed)
+    spec = shapes_spec(data_config)
     # Several hosts: process 0 builds first and the others then reuse its files (a shared run directory) or
     # build their own copy (host-local disks), so no two processes write the same files at once.
     if jax.process_index() == 0:

@@ -80,6 +80,10 @@ class ShapesSpec:
     seed: int = 0
     template_weights: tuple[float, ...] = DEFAULT_TEMPLATE_WEIGHTS
     holdout_oversample: float = 0.25
+    # Object corners snap to multiples of `grid` px (1 = any pixel). A dVAE that downsamples by f sees an
+    # object at f x f sub-token offsets, each with its own codes; grid = f gives every (colour, shape, size) one
+    # token pattern, which short runs learn far faster (README "Stage 1").
+    grid: int = 1
 
     def __post_init__(self) -> None:
         if self.image_size < MIN_IMAGE_SIZE:
@@ -100,12 +104,17 @@ class ShapesSpec:
             raise ValueError(f"template_weights needs {len(TEMPLATES)} non-negative weights for {TEMPLATES}")
         if not 0.0 <= self.holdout_oversample <= 1.0:
             raise ValueError("holdout_oversample must be in [0, 1]")
+        if not 1 <= self.grid <= self.image_size // 4:
+            raise ValueError(f"grid={self.grid} must be in [1, image_size / 4 = {self.image_size // 4}]")
 
     def num_examples(self, split: str) -> int:
         return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}[split]
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if fields["grid"] == 1:  # datasets built before the field existed keep their names
+            del fields["grid"]
+        return json.dumps(fields, sort_keys=True)
 
     def config_name(self) -> str:
         """A short, filesystem-safe name that changes whenever any field changes."""
@@ -216,9 +225,9 @@ def _object(color: str, shape: str, size: str, x0: int, y0: int, image_size: int
     }
 
 
-def _sample_corner_in_position(rng: np.random.Generator, side: int, position: str, image_size: int):
-    """Uniform integer top-left corner whose centre is in `position`, at least the margin from its borders."""
-    corners = np.arange(image_size - side + 1)
+def _sample_corner_in_position(rng: np.random.Generator, side: int, position: str, image_size: int, grid: int):
+    """Uniform top-left corner on the `grid` whose centre is in `position`, at least the margin from its borders."""
+    corners = np.arange(0, image_size - side + 1, grid)
     offsets = corners + side / 2 - image_size / 2  # centre offset from the image centre
     dx, dy = np.meshgrid(offsets, offsets)  # (n, n): dx varies along x0, dy along y0
     margin, third = position_margin(image_size), image_size / 6
@@ -237,14 +246,15 @@ def _sample_corner_in_position(rng: np.random.Generator, side: int, position: st
     return int(corners[xs[pick]]), int(corners[ys[pick]])
 
 
-def _sample_pair_corners(rng: np.random.Generator, sides: tuple[int, int], relation: str, image_size: int):
-    """Corners for two boxes where the first is clearly `relation` the second and the boxes do not touch."""
+def _sample_pair_corners(rng: np.random.Generator, sides: tuple[int, int], relation: str, image_size: int,
+                         grid: int):
+    """Corners on the `grid` for two boxes, the first clearly `relation` the second, the boxes not touching."""
     # At least two white pixels between boxes: an anti-aliased apex row can lie two pixels from its core.
     margin, gap = position_margin(image_size), max(2, round(image_size / 32))
     first, second = sides
     for _ in range(200):  # each round tries 256 candidates; acceptance is a few percent at worst
-        ax, ay = (rng.integers(0, image_size - first + 1, 256) for _ in range(2))
-        bx, by = (rng.integers(0, image_size - second + 1, 256) for _ in range(2))
+        ax, ay = (rng.integers(0, (image_size - first) // grid + 1, 256) * grid for _ in range(2))
+        bx, by = (rng.integers(0, (image_size - second) // grid + 1, 256) * grid for _ in range(2))
         dx = (bx + second / 2) - (ax + first / 2)
         dy = (by + second / 2) - (ay + first / 2)
         if relation == "above":
@@ -319,7 +329,7 @@ def render_example(spec: ShapesSpec, split: str, index: int) -> dict[str, Any]:
         sizes = [SIZES[rng.integers(len(SIZES))] for _ in range(2)]
         relation = RELATIONS[rng.integers(len(RELATIONS))]
         sides = (size_px(sizes[0], size), size_px(sizes[1], size))
-        corner_a, corner_b = _sample_pair_corners(rng, sides, relation, size)
+        corner_a, corner_b = _sample_pair_corners(rng, sides, relation, size, spec.grid)
         objects = [
             _object(*first_pair, sizes[0], *corner_a, size),
             _object(*second_pair, sizes[1], *corner_b, size),
@@ -327,7 +337,7 @@ def render_example(spec: ShapesSpec, split: str, index: int) -> dict[str, Any]:
     else:
         obj_size = SIZES[rng.integers(len(SIZES))]
         position = POSITIONS[rng.integers(len(POSITIONS))]
-        corner = _sample_corner_in_position(rng, size_px(obj_size, size), position, size)
+        corner = _sample_corner_in_position(rng, size_px(obj_size, size), position, size, spec.grid)
         objects = [_object(*first_pair, obj_size, *corner, size)]
 
     return {
@@ -451,6 +461,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         default=",".join(str(w) for w in defaults.template_weights),
         help=f"weights of the caption templates {', '.join(TEMPLATES)} (default: %(default)s)",
     )
+    parser.add_argument(
+        "--grid", type=int, default=defaults.grid,
+        help="object corners snap to multiples of this many pixels; set it to the dVAE's downsampling factor "
+             "for one token pattern per object (default: %(default)s = any pixel)",
+    )
     parser.set_defaults(func=_run_cli)
 
 
@@ -464,6 +479,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             holdout=parse_holdout(args.holdout),
             seed=args.seed,
             template_weights=tuple(float(w) for w in args.template_weights.split(",")),
+            grid=args.grid,
         )
     except ValueError as error:
         print(f"error: {error}")
