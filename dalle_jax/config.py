@@ -96,6 +96,9 @@ class DataConfig:
             raise ConfigError(f"data.dataset='{self.dataset}': choose 'shapes' or 'folder'")
         if self.image_size < 8 or self.image_size % 8:
             raise ConfigError(f"data.image_size={self.image_size} must be a multiple of 8 and >= 8")
+        if not 1 <= self.grid <= self.image_size // 4:
+            raise ConfigError(f"data.grid={self.grid} must be in [1, data.image_size / 4 = {self.image_size // 4}] "
+                              "(1 = objects at any pixel; the dVAE's downsampling puts them on the token grid)")
 
 
 @dataclasses.dataclass(frozen=True)

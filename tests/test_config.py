@@ -42,6 +42,7 @@ def test_overrides_parse_by_field_type():
     ("mesh.ici_parallelism=-1,-1,1", "at most one -1"),
     ('mesh.rules=[["batch", ["pipeline"]]]', "unknown mesh axis 'pipeline'"),
     ("dvae_train.likelihood=l1", "likelihood"),
+    ("data.grid=0", "data.grid=0 must be in"),
 ])
 def test_bad_overrides_name_the_field(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
