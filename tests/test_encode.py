@@ -12,7 +12,7 @@ from dalle_jax.data.pipeline import dataset_dir_for, open_split
 from dalle_jax.encode import encode_dataset, reconstruct_files
 from dalle_jax.train.dvae import train_dvae
 
-OVERRIDES = ["dvae.group_count=2", "data.image_size=16", "data.num_train=48", "data.num_validation=20",
+OVERRIDES = ["dvae.group_count=2", "data.image_size=16", "data.grid=1", "data.num_train=48", "data.num_validation=20",
              "data.num_test=0", "dvae_train.steps=2", "dvae_train.eval_every=100", "dvae_train.save_every=2"]
 
 

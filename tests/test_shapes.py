@@ -183,6 +183,8 @@ def test_grid_names_a_new_dataset_and_keeps_the_old_names():
     assert ShapesSpec(grid=4).config_name() != ShapesSpec().config_name()
     with pytest.raises(ValueError, match="grid=9"):
         ShapesSpec(image_size=32, grid=9)
+    with pytest.raises(ValueError, match="grid=4 leaves no corner for a small object in the center"):
+        ShapesSpec(image_size=16, grid=4)  # a 4 px object's centre can't sit in the middle third
 
 
 def test_template_weights_choose_the_template():

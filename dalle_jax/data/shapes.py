@@ -106,6 +106,16 @@ class ShapesSpec:
             raise ValueError("holdout_oversample must be in [0, 1]")
         if not 1 <= self.grid <= self.image_size // 4:
             raise ValueError(f"grid={self.grid} must be in [1, image_size / 4 = {self.image_size // 4}]")
+        self._check_grid_leaves_room()
+
+    def _check_grid_leaves_room(self) -> None:
+        """Every size fits every position on the grid (relations then fit too: checked for every grid at 16-128 px)."""
+        size, grid = self.image_size, self.grid
+        for name in SIZES:
+            for position in POSITIONS:
+                if len(_corners_in_position(size_px(name, size), position, size, grid)[0]) == 0:
+                    raise ValueError(f"grid={grid} leaves no corner for a {name} object in the {position} of a "
+                                     f"{size}px image; use a smaller grid or a larger image")
 
     def num_examples(self, split: str) -> int:
         return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}[split]
@@ -225,8 +235,8 @@ def _object(color: str, shape: str, size: str, x0: int, y0: int, image_size: int
     }
 
 
-def _sample_corner_in_position(rng: np.random.Generator, side: int, position: str, image_size: int, grid: int):
-    """Uniform top-left corner on the `grid` whose centre is in `position`, at least the margin from its borders."""
+def _corners_in_position(side: int, position: str, image_size: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners (xs, ys) on the `grid` whose centre is in `position`, at least the margin from its borders."""
     corners = np.arange(0, image_size - side + 1, grid)
     offsets = corners + side / 2 - image_size / 2  # centre offset from the image centre
     dx, dy = np.meshgrid(offsets, offsets)  # (n, n): dx varies along x0, dy along y0
@@ -240,17 +250,27 @@ def _sample_corner_in_position(rng: np.random.Generator, side: int, position: st
         valid &= (dy < 0) if vertical == "top" else (dy > 0)
         valid &= (dx < 0) if horizontal == "left" else (dx > 0)
     ys, xs = np.nonzero(valid)
+    return corners[xs], corners[ys]
+
+
+def _sample_corner_in_position(rng: np.random.Generator, side: int, position: str, image_size: int, grid: int):
+    """Uniform top-left corner on the `grid` whose centre is in `position`, at least the margin from its borders."""
+    xs, ys = _corners_in_position(side, position, image_size, grid)
     if len(xs) == 0:
         raise ValueError(f"no room for a {side}px object in the {position} of a {image_size}px image")
     pick = rng.integers(len(xs))
-    return int(corners[xs[pick]]), int(corners[ys[pick]])
+    return int(xs[pick]), int(ys[pick])
+
+
+def pair_gap(image_size: int) -> int:
+    """White pixels at least between the boxes of a relation (an anti-aliased apex row can lie two from its core)."""
+    return max(2, round(image_size / 32))
 
 
 def _sample_pair_corners(rng: np.random.Generator, sides: tuple[int, int], relation: str, image_size: int,
                          grid: int):
     """Corners on the `grid` for two boxes, the first clearly `relation` the second, the boxes not touching."""
-    # At least two white pixels between boxes: an anti-aliased apex row can lie two pixels from its core.
-    margin, gap = position_margin(image_size), max(2, round(image_size / 32))
+    margin, gap = position_margin(image_size), pair_gap(image_size)
     first, second = sides
     for _ in range(200):  # each round tries 256 candidates; acceptance is a few percent at worst
         ax, ay = (rng.integers(0, (image_size - first) // grid + 1, 256) * grid for _ in range(2))
