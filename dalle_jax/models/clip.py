@@ -37,7 +37,7 @@ from flax import nnx
 
 from dalle_jax.models.init import ones as _ones
 from dalle_jax.models.init import param as _param
-from dalle_jax.models.transformer import layer_norm
+from dalle_jax.models.transformer import layer_norm, layer_stack
 from dalle_jax.sharding import constrain
 
 RESIDUAL = ("batch", "length", None)
@@ -126,22 +126,7 @@ class Encoder(nnx.Module):
     """
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: int, std: float, *, rngs: nnx.Rngs):
-        d, n, h, k, f = width, layers, heads, width // heads, width * mlp_ratio
-        out_std = std / math.sqrt(2 * n)  # residual projections scaled down with depth
-        L = "layers"
-        self.layers = nnx.Dict(
-            ln1_scale=_ones((n, d), (L, "embed")), ln1_bias=_param(rngs, (n, d), 0, (L, "embed")),
-            wq=_param(rngs, (n, d, h, k), std, (L, "embed", "heads", "kv")),
-            wk=_param(rngs, (n, d, h, k), std, (L, "embed", "heads", "kv")),
-            wv=_param(rngs, (n, d, h, k), std, (L, "embed", "heads", "kv")),
-            bq=_param(rngs, (n, h, k), 0, (L, "heads", "kv")),
-            bv=_param(rngs, (n, h, k), 0, (L, "heads", "kv")),
-            wo=_param(rngs, (n, h, k, d), out_std, (L, "heads", "kv", "embed")),
-            bo=_param(rngs, (n, d), 0, (L, "embed")),
-            ln2_scale=_ones((n, d), (L, "embed")), ln2_bias=_param(rngs, (n, d), 0, (L, "embed")),
-            w1=_param(rngs, (n, d, f), std, (L, "embed", "mlp")), b1=_param(rngs, (n, f), 0, (L, "mlp")),
-            w2=_param(rngs, (n, f, d), out_std, (L, "mlp", "embed")), b2=_param(rngs, (n, d), 0, (L, "embed")),
-        )
+        self.layers = layer_stack(rngs, layers, width, heads, width // heads, width * mlp_ratio, std, key_bias=False)
 
     def __call__(self, x: jax.Array, key_valid: jax.Array | None, dtype: jnp.dtype) -> jax.Array:
         """x (B, S, d) fp32, key_valid (B, S) bool or None -> the residual stream (B, S, d) fp32 (not normed)."""

@@ -147,33 +147,36 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
+def layer_stack(rngs: nnx.Rngs, n: int, d: int, h: int, k: int, f: int, std: float, key_bias: bool) -> nnx.Dict:
+    """The parameters of n pre-norm blocks stacked on a leading "layers" axis (for lax.scan): width d, h heads
+    of size k, MLP width f; N(0, std^2) matrices, residual projections at std / sqrt(2n) (GPT-2 style)."""
+    out_std = std / math.sqrt(2 * n)
+    L = "layers"
+    biases = ("bq", "bk", "bv") if key_bias else ("bq", "bv")
+    return nnx.Dict(
+        ln1_scale=_ones((n, d), (L, "embed")), ln1_bias=_param(rngs, (n, d), 0, (L, "embed")),
+        **{name: _param(rngs, (n, d, h, k), std, (L, "embed", "heads", "kv")) for name in ("wq", "wk", "wv")},
+        **{name: _param(rngs, (n, h, k), 0, (L, "heads", "kv")) for name in biases},
+        wo=_param(rngs, (n, h, k, d), out_std, (L, "heads", "kv", "embed")),
+        bo=_param(rngs, (n, d), 0, (L, "embed")),
+        ln2_scale=_ones((n, d), (L, "embed")), ln2_bias=_param(rngs, (n, d), 0, (L, "embed")),
+        w1=_param(rngs, (n, d, f), std, (L, "embed", "mlp")), b1=_param(rngs, (n, f), 0, (L, "mlp")),
+        w2=_param(rngs, (n, f, d), out_std, (L, "mlp", "embed")), b2=_param(rngs, (n, d), 0, (L, "embed")),
+    )
+
+
 class Prior(nnx.Module):
     def __init__(self, config: PriorConfig, *, rngs: nnx.Rngs):
         self.config = config
         c, std = config, config.init_std
         d, n, h, k, f = c.d_model, c.n_layers, c.n_heads, c.head_dim, c.d_model * c.mlp_ratio
-        out_std = std / math.sqrt(2 * n)  # scaled init of the residual projections (GPT-2 style)
         self.start_embed = _param(rngs, (d,), std, ("embed",))
         self.text_embed = _param(rngs, (c.text_rows, d), std, ("vocab", "embed"))
         self.text_pos = _param(rngs, (c.text_len, d), std, (None, "embed"))
         self.image_embed = _param(rngs, (c.image_vocab_size, d), std, ("vocab", "embed"))
         self.row_embed = _param(rngs, (c.grid_size, d), std, (None, "embed"))
         self.col_embed = _param(rngs, (c.grid_size, d), std, (None, "embed"))
-        L = "layers"
-        self.layers = nnx.Dict(
-            ln1_scale=_ones((n, d), (L, "embed")), ln1_bias=_param(rngs, (n, d), 0, (L, "embed")),
-            wq=_param(rngs, (n, d, h, k), std, (L, "embed", "heads", "kv")),
-            wk=_param(rngs, (n, d, h, k), std, (L, "embed", "heads", "kv")),
-            wv=_param(rngs, (n, d, h, k), std, (L, "embed", "heads", "kv")),
-            bq=_param(rngs, (n, h, k), 0, (L, "heads", "kv")),
-            bk=_param(rngs, (n, h, k), 0, (L, "heads", "kv")),
-            bv=_param(rngs, (n, h, k), 0, (L, "heads", "kv")),
-            wo=_param(rngs, (n, h, k, d), out_std, (L, "heads", "kv", "embed")),
-            bo=_param(rngs, (n, d), 0, (L, "embed")),
-            ln2_scale=_ones((n, d), (L, "embed")), ln2_bias=_param(rngs, (n, d), 0, (L, "embed")),
-            w1=_param(rngs, (n, d, f), std, (L, "embed", "mlp")), b1=_param(rngs, (n, f), 0, (L, "mlp")),
-            w2=_param(rngs, (n, f, d), out_std, (L, "mlp", "embed")), b2=_param(rngs, (n, d), 0, (L, "embed")),
-        )
+        self.layers = layer_stack(rngs, n, d, h, k, f, std, key_bias=True)
         self.final_scale = _ones((d,), ("embed",))
         self.final_bias = _param(rngs, (d,), 0, ("embed",))
         self.text_head = _param(rngs, (d, c.text_vocab_size), std, ("embed", "vocab"))
