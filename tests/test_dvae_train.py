@@ -1,11 +1,8 @@
 """dVAE training: sharded == single-device, and a SIGTERM'd run resumes to the uninterrupted result."""
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -18,6 +15,7 @@ from dalle_jax.config import MeshConfig
 from dalle_jax.models.dvae import DVAE
 from dalle_jax.train import dvae as dvae_train
 from dalle_jax.train import loop
+from tests.preemption import sigterm_after_step
 
 
 def _steps(mesh, cfg, batches, shape=(16, 16, 16, 3)):
@@ -91,17 +89,8 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path):
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(_train_command(interrupted, steps), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
     metrics = interrupted / "dvae" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(json.loads(line)["step"] >= 5 for line in metrics.read_text().splitlines()):
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    err = sigterm_after_step(_train_command(interrupted, steps), env, metrics)
     stopped_at, _ = _final_params(interrupted)
     assert 5 <= stopped_at < steps, f"expected a stop between 5 and {steps}, got {stopped_at}"
     assert "stop requested" in err

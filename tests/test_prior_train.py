@@ -3,16 +3,15 @@ that resumes (model, optimizer, EMA and data position) to exactly the uninterrup
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.preemption import sigterm_after_step
 from tests.token_data import TEXT_LEN, VOCAB, make_token_data
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -60,19 +59,11 @@ def test_train_prior_writes_metrics_curve_and_resumes_exactly(token_data, tmp_pa
     assert (tmp_path / "straight" / "prior" / "tokenizer.json").is_file()
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(_command(token_data, interrupted, steps), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
     metrics = interrupted / "prior" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(json.loads(line)["step"] >= 5 for line in metrics.read_text().splitlines()):
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    err = sigterm_after_step(_command(token_data, interrupted, steps), ENV, metrics)
     stopped_at, _ = _final_params(interrupted)
     assert 5 <= stopped_at < steps, f"expected a stop between 5 and {steps}, got {stopped_at}"
+    assert "stop requested" in err
 
     resumed = subprocess.run(_command(token_data, interrupted, steps), env=ENV, capture_output=True, text=True,
                              timeout=300)
