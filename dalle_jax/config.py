@@ -328,9 +328,10 @@ def _demo() -> Config:
     return Config(
         name="demo",
         # grid=4 (the dVAE's downsampling): object corners on the token grid, so every (colour, shape, size) has one
-        # token pattern instead of 16 sub-token offsets. Full demo: best-of-16 caption match in-distribution 25% ->
-        # 81%, position 22% -> 62%, but held-out pairs 31% -> 12.5%: the prior learns whole-object patterns and
-        # draws a trained shape of the asked colour (README "What the demo produces"). grid=1 for the other trade.
+        # token pattern instead of 16 sub-token offsets. Full demo: best-of-16 caption match (colour + shape key)
+        # in-distribution 25% -> 81%, position 22% -> 62%, but held-out 31% -> 12.5%: the prior learns whole-object
+        # patterns and draws a trained shape of the asked colour (README "What the demo produces"). grid=1 for the
+        # other trade.
         data=DataConfig(image_size=32, num_train=10000, num_validation=1000, num_test=1000, grid=4),
         text=TextConfig(vocab_size=512, text_len=24),
         dvae=DVAEConfig(vocab_size=512, n_hid=32, n_init=32, group_count=3, blocks_per_group=1, logits="distance",

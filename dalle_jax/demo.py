@@ -69,7 +69,9 @@ def prompt_sets(config: Config, count: int, seed: int) -> dict[str, list[str]]:
     return {"in_distribution": single, "heldout": heldout, "position": placed, "relations": relations}
 
 
-SCORE_KEY = {"in_distribution": "color_shape", "heldout": "color_shape", "position": "all", "relations": "all"}
+# The scorer's "all": every attribute the caption states and exactly as many objects as it names (a blue circle
+# drawn next to a stray red square does not match "a blue circle"; the lenient "color_shape" alone would count it).
+SCORE_KEY = dict.fromkeys(("in_distribution", "heldout", "position", "relations"), "all")
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -317,8 +319,9 @@ def write_report(run: Path, done: dict, config: Config) -> dict:
              "## Caption match (exact shapes scorer)", "",
              f"Each prompt gets {n} samples. N=1 scores every sample; best of {n} scores the CLIP-best of each "
              f"prompt's {n}; any of {n} counts prompts with at least one right sample (what a perfect reranker "
-             "would reach). Brackets: 95% Wilson intervals over the trials (repeated prompts are not independent, "
-             "so read them as a lower bound on the uncertainty).", "",
+             "would reach). A sample is right when it shows every attribute of the caption and as many objects "
+             "as it names (scorer key \"all\"). Brackets: 95% Wilson intervals over the trials (repeated prompts "
+             "are not independent, so read them as a lower bound on the uncertainty).", "",
              f"| prompts (distinct) | scored on | N=1 (no reranking) | best of {n} by CLIP | any of {n} |",
              "|---|---|---:|---:|---:|"]
     for name, table in accuracy.items():
