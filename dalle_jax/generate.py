@@ -9,7 +9,11 @@ keeps the top 32 by CLIP score). Output layout, exactly:
     OUT/grid.png              one row per prompt, captions written on it
 
 Randomness: candidate i of prompt p is sample `p * N + i` of the sampler's per-sample key stream for `seed`, so
-the same (seed, prompts, N) gives the same images whatever `--batch-size` is.
+the same (seed, prompts, N) gives the same images whatever `--batch-size` or `--mesh` is.
+
+`--mesh D,F,T` samples on a (data, fsdp, tensor) device mesh, e.g. all chips of a TPU VM: the prior's parameters
+are sharded by the default logical rules (FSDP over "fsdp", heads over "tensor") and each sampler batch is split
+over data x fsdp (padded to a multiple of it). Decoding and reranking stay on one device.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from dalle_jax import config as config_lib
+from dalle_jax import sharding
 from dalle_jax.config import Config
 from dalle_jax.data.tokenizer import CaptionTruncatedWarning, TextTokenizer
 from dalle_jax.models.dvae import DVAE
@@ -207,7 +212,11 @@ def generate(generator: Generator, prompts: list[str], *, num_samples: int, top:
     text = encode_prompts(generator.tokenizer, prompts)
     pads = generator.tokenizer.pad_ids()
     cfg = dataclasses.replace(sample_config or SampleConfig(), prefix_rows=0 if prefix is None else len(prefix))
-    prior = (nnx.graphdef(generator.prior), nnx.state(generator.prior, nnx.Param))  # split once, not per batch
+    params = nnx.state(generator.prior, nnx.Param)  # split once, not per batch
+    if mesh is not None:
+        rules = rules if rules is not None else config_lib.MeshConfig().rules
+        params = sharding.shard_state(params, mesh, rules)
+    prior = (nnx.graphdef(generator.prior), params)
     results = []
     for p, prompt in enumerate(tqdm(prompts, desc="prompts", disable=not progress)):
         tokens = []
@@ -283,6 +292,8 @@ def register_cli(subparsers: Any) -> None:
                      help="classifier-free guidance s (1 = plain conditional, the paper; needs caption dropout "
                           "in training)")
     how.add_argument("--batch-size", type=int, default=64, help="candidates per sampler call (default 64)")
+    how.add_argument("--mesh", help="D,F,T: sample on a (data, fsdp, tensor) mesh of this host's devices, one -1 "
+                                    "fills (e.g. -1,1,1 = data-parallel over all); default one device")
     parser.add_argument("--out-dir", required=True, help="directory for the PNGs, samples.jsonl and grid.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_cli)
@@ -300,6 +311,24 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def sampling_mesh(text: str | None) -> jax.sharding.Mesh | None:
+    """`--mesh D,F,T` -> a (data, fsdp, tensor) mesh over this host's devices; None -> None (one device)."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3:
+        raise SampleInputError(f"--mesh {text!r}: give three integers D,F,T (data, fsdp, tensor), e.g. 2,2,2 or -1,1,1")
+    try:
+        return sharding.make_mesh(config_lib.MeshConfig(ici_parallelism=shape))
+    except (sharding.ShardingError, config_lib.ConfigError):
+        n = jax.device_count()
+        raise SampleInputError(f"--mesh {text} does not fit this host's {n} devices: D*F*T must be {n}, or put -1 "
+                               "in one entry to fill, e.g. --mesh -1,1,1") from None
+
+
 def _cli(args: argparse.Namespace) -> int:
     try:
         prompts = read_prompts(args)
@@ -310,8 +339,10 @@ def _cli(args: argparse.Namespace) -> int:
         prefix = prefix_from_image(generator, args.image_prefix, args.prefix_rows) if args.image_prefix else None
         cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            cfg_scale=args.cfg_scale)
+        mesh = sampling_mesh(args.mesh)
         results = generate(generator, prompts, num_samples=args.num_samples, top=args.top, seed=args.seed,
-                           sample_config=cfg, batch_size=args.batch_size, prefix=prefix, progress=not args.quiet)
+                           sample_config=cfg, batch_size=args.batch_size, prefix=prefix, mesh=mesh,
+                           progress=not args.quiet)
     except (SampleInputError, FileNotFoundError) as error:
         print(f"error: {error}", file=__import__("sys").stderr)
         return 2

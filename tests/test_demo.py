@@ -87,15 +87,17 @@ def test_sample_command_on_the_demo_run(quick_run, tmp_path):
     with Image.open(out / "grid.png") as img:
         assert img.size[0] > 64
 
-    # Same seed, different batch size: the same images (per-sample keys).
-    again = tmp_path / "again"
-    result = _cli("sample", "--run", str(run), "--prompt", "a purple cross above an orange circle",
-                  "--prompt", "a red square", "--num-samples", "3", "--top", "2", "--seed", "5", "--quiet",
-                  "--batch-size", "2", "--out-dir", str(again), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for r in lines:
-        np.testing.assert_array_equal(np.asarray(Image.open(out / r["file"])),
-                                      np.asarray(Image.open(again / r["file"])))
+    # Same seed, another batch size, or on a 2x2x2 mesh (params sharded, 3 candidates padded to the 4-way data
+    # split): the same images (per-sample keys).
+    for name, extra in (("batch_2", ["--batch-size", "2"]), ("mesh_2x2x2", ["--mesh", "2,2,2"])):
+        again = tmp_path / name
+        result = _cli("sample", "--run", str(run), "--prompt", "a purple cross above an orange circle",
+                      "--prompt", "a red square", "--num-samples", "3", "--top", "2", "--seed", "5", "--quiet",
+                      *extra, "--out-dir", str(again), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        for r in lines:
+            np.testing.assert_array_equal(np.asarray(Image.open(out / r["file"])),
+                                          np.asarray(Image.open(again / r["file"])), err_msg=name)
 
 
 def test_sample_bad_input_is_named(quick_run, tmp_path):
@@ -110,3 +112,7 @@ def test_sample_bad_input_is_named(quick_run, tmp_path):
     missing = _cli("sample", "--run", str(tmp_path / "nowhere"), "--prompt", "a red square",
                    "--out-dir", str(tmp_path / "c"), timeout=120)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    for mesh, message in (("2,2", "three integers"), ("3,1,1", "does not fit this host's 8 devices")):  # 8 devices here
+        bad = _cli("sample", "--run", str(run), "--prompt", "a red square", "--mesh", mesh,
+                   "--out-dir", str(tmp_path / "d"), timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
