@@ -334,16 +334,16 @@ def _cli(args: argparse.Namespace) -> int:
         prompts = read_prompts(args)
         if args.prefix_rows and not args.image_prefix:
             raise SampleInputError("--prefix-rows needs --image-prefix IMAGE")
+        mesh = sampling_mesh(args.mesh)  # before loading anything
         generator = load_generator(args.run, dvae=args.dvae, prior=args.prior, clip=args.clip,
                                    rerank=not args.no_rerank)
         prefix = prefix_from_image(generator, args.image_prefix, args.prefix_rows) if args.image_prefix else None
         cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            cfg_scale=args.cfg_scale)
-        mesh = sampling_mesh(args.mesh)
         results = generate(generator, prompts, num_samples=args.num_samples, top=args.top, seed=args.seed,
                            sample_config=cfg, batch_size=args.batch_size, prefix=prefix, mesh=mesh,
                            progress=not args.quiet)
-    except (SampleInputError, FileNotFoundError) as error:
+    except (SampleInputError, FileNotFoundError, sharding.ShardingError) as error:  # the last: a param vs the mesh
         print(f"error: {error}", file=__import__("sys").stderr)
         return 2
     grid = write_outputs(args.out_dir, prompts, results, args.seed)
