@@ -67,6 +67,19 @@ def hf_ids(tok: TextTokenizer, captions: list[str]) -> list[list[int]]:
     return [enc.ids for enc in tok._hf.encode_batch(captions, add_special_tokens=False)]
 
 
+def test_check_config_names_the_mismatched_field(tokenizer):
+    from dalle_jax.config import ConfigError, TextConfig
+
+    tokenizer.check_config(TextConfig(vocab_size=600, text_len=24))  # what it was trained with
+    tokenizer.check_config(TextConfig(vocab_size=tokenizer.vocab_size, text_len=24))  # exactly its BPE ids
+    for text, fix in ((TextConfig(vocab_size=600, text_len=32), "text.text_len=32"),
+                      (TextConfig(vocab_size=600, text_len=24, pad_mode="shared"), "text.pad_mode=shared"),
+                      (TextConfig(vocab_size=tokenizer.vocab_size - 1, text_len=24),
+                       f"--set text.vocab_size={tokenizer.vocab_size}")):
+        with pytest.raises(ConfigError, match=fix):
+            tokenizer.check_config(text)
+
+
 def test_vocab_is_dense_and_within_request(tokenizer):
     assert 256 < tokenizer.vocab_size <= 600
     assert tokenizer.requested_vocab_size == 600

@@ -278,6 +278,19 @@ class TextTokenizer:
             "embedding_size": self.embedding_size,
         }
 
+    def check_config(self, text: Any) -> None:
+        """Raises ConfigError naming the fix unless this tokenizer fits `text` (a config's TextConfig): the same
+        text_len and pad_mode, and no more BPE ids than text.vocab_size."""
+        from dalle_jax.config import ConfigError
+
+        if self.text_len != text.text_len or self.pad_mode != text.pad_mode:
+            raise ConfigError(
+                f"tokenizer has text_len={self.text_len}, pad_mode={self.pad_mode} but the config has "
+                f"text.text_len={text.text_len}, text.pad_mode={text.pad_mode}: pass --set text.text_len=... to match")
+        if self.vocab_size > text.vocab_size:
+            raise ConfigError(f"tokenizer vocab {self.vocab_size} > text.vocab_size {text.vocab_size}: "
+                              f"pass --set text.vocab_size={self.vocab_size}")
+
     def save(self, path: str | os.PathLike) -> None:
         """Write settings and the HF tokenizer into one JSON file (parent directories are created)."""
         path = os.fspath(path)

@@ -105,14 +105,8 @@ def pair_transform(tokenizer: TextTokenizer, training: bool, holdout: set[tuple[
 
 def check_compatible(config: Config, tokenizer: TextTokenizer, dataset_dir: Path) -> None:
     """Errors naming the mismatch before anything compiles."""
-    text, size = config.text, config.clip.image_size
-    if tokenizer.text_len != text.text_len or tokenizer.pad_mode != text.pad_mode:
-        raise config_lib.ConfigError(
-            f"tokenizer has text_len={tokenizer.text_len}, pad_mode={tokenizer.pad_mode} but the config has "
-            f"text.text_len={text.text_len}, text.pad_mode={text.pad_mode}: pass --set text.text_len=... to match")
-    if tokenizer.vocab_size > text.vocab_size:
-        raise config_lib.ConfigError(f"tokenizer vocab {tokenizer.vocab_size} > text.vocab_size {text.vocab_size}: "
-                                     f"pass --set text.vocab_size={tokenizer.vocab_size}")
+    tokenizer.check_config(config.text)
+    size = config.clip.image_size
     example = open_split(dataset_dir, "train")[0]
     if "image" not in example:
         raise DatasetError(f"{dataset_dir} has no 'image' field (fields: {sorted(example)}): train-clip reads an "

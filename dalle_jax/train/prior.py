@@ -130,13 +130,7 @@ def is_heldout(caption: str, holdout: set[tuple[str, str]]) -> bool:
 def check_compatible(config: Config, tokenizer: TextTokenizer, token_dir: Path) -> None:
     """Errors naming the mismatch before anything compiles."""
     p = config.prior
-    if tokenizer.text_len != p.text_len or tokenizer.pad_mode != p.pad_mode:
-        raise config_lib.ConfigError(
-            f"tokenizer has text_len={tokenizer.text_len}, pad_mode={tokenizer.pad_mode} but the config has "
-            f"text.text_len={p.text_len}, text.pad_mode={p.pad_mode}: pass --set text.text_len=... to match")
-    if tokenizer.vocab_size > p.text_vocab_size:
-        raise config_lib.ConfigError(f"tokenizer vocab {tokenizer.vocab_size} > text.vocab_size {p.text_vocab_size}"
-                                     f": pass --set text.vocab_size={tokenizer.vocab_size}")
+    tokenizer.check_config(config.text)  # the prior's text_len, pad_mode and text_vocab_size derive from it
     example = open_split(token_dir, "train")[0]
     grid = np.asarray(example["tokens"]).shape
     if grid != (p.grid_size, p.grid_size):
