@@ -71,7 +71,7 @@ def prompt_sets(config: Config, count: int, seed: int) -> dict[str, list[str]]:
 
 # The scorer's "all": every attribute the caption states and exactly as many objects as it names (a blue circle
 # drawn next to a stray red square does not match "a blue circle"; the lenient "color_shape" alone would count it).
-SCORE_KEY = dict.fromkeys(("in_distribution", "heldout", "position", "relations"), "all")
+SCORE_KEY = "all"
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -165,7 +165,7 @@ class Demo:
         for name, prompts in sets.items():
             kept = generate(generator, prompts, num_samples=self.num_samples, top=self.num_samples,
                             seed=self.seed, batch_size=64, progress=self.progress)
-            results[name] = accuracy_table(prompts, kept, SCORE_KEY[name])
+            results[name] = accuracy_table(prompts, kept, SCORE_KEY)
             save_sample_grid(self.run / f"samples_{name}.png", prompts, kept, columns=min(8, self.num_samples))
         image_to_image(generator, self.config, self.dataset_dir, self.run / "image_to_image.png", self.seed)
         return {"accuracy": results, "num_samples": self.num_samples}

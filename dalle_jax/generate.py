@@ -214,7 +214,7 @@ def generate(generator: Generator, prompts: list[str], *, num_samples: int, top:
     cfg = dataclasses.replace(sample_config or SampleConfig(), prefix_rows=0 if prefix is None else len(prefix))
     params = nnx.state(generator.prior, nnx.Param)  # split once, not per batch
     if mesh is not None:
-        rules = rules if rules is not None else config_lib.MeshConfig().rules
+        rules = rules if rules is not None else config_lib.DEFAULT_RULES  # the sampler's default too
         params = sharding.shard_state(params, mesh, rules)
     prior = (nnx.graphdef(generator.prior), params)
     results = []
@@ -315,15 +315,14 @@ def sampling_mesh(text: str | None) -> jax.sharding.Mesh | None:
     """`--mesh D,F,T` -> a (data, fsdp, tensor) mesh over this host's devices; None -> None (one device)."""
     if text is None:
         return None
+    try:  # parsed and validated as `--set mesh.ici_parallelism=D,F,T` would be
+        mesh_config = config_lib.apply_overrides(config_lib.MeshConfig(), [f"ici_parallelism={text}"])
+    except config_lib.ConfigError as error:
+        raise SampleInputError(f"--mesh {text!r}: give three integers D,F,T (data, fsdp, tensor), e.g. 2,2,2 or "
+                               f"-1,1,1 ({error})") from None
     try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3:
-        raise SampleInputError(f"--mesh {text!r}: give three integers D,F,T (data, fsdp, tensor), e.g. 2,2,2 or -1,1,1")
-    try:
-        return sharding.make_mesh(config_lib.MeshConfig(ici_parallelism=shape))
-    except (sharding.ShardingError, config_lib.ConfigError):
+        return sharding.make_mesh(mesh_config)
+    except sharding.ShardingError:
         n = jax.device_count()
         raise SampleInputError(f"--mesh {text} does not fit this host's {n} devices: D*F*T must be {n}, or put -1 "
                                "in one entry to fill, e.g. --mesh -1,1,1") from None

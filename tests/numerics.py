@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 
 def probe_loss(text_logits, image_logits, weights):
@@ -15,8 +16,18 @@ def probe_loss(text_logits, image_logits, weights):
     return jnp.sum(terms) + jnp.sum(text_logits**2) * 1e-3, jnp.sqrt(jnp.sum(terms**2))
 
 
+def probe_value_and_grads(params, graphdef, text, image, weights):
+    """((loss, (text_logits, image_logits, scale)), grads) of `probe_loss` for a prior split into graphdef/params."""
+    def loss(p):
+        text_logits, image_logits = nnx.merge(graphdef, p)(text, image)
+        value, scale = probe_loss(text_logits, image_logits, weights)
+        return value, (text_logits, image_logits, scale)
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
 def assert_same(actual, expected, rtol=1e-5):
-    """actual/expected: ((loss, (text_logits, image_logits, scale)), grads) from a `probe_loss` value_and_grad."""
+    """actual/expected: what `probe_value_and_grads` returns."""
     (loss, (*outputs, _)), grads = actual
     (loss_ref, (*outputs_ref, scale)), grads_ref = expected
     np.testing.assert_allclose(loss, loss_ref, rtol=0, atol=rtol * float(scale))

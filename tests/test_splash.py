@@ -19,7 +19,7 @@ from dalle_jax.config import MeshConfig
 from dalle_jax.models import splash
 from dalle_jax.models.init import build_pooled
 from dalle_jax.models.transformer import Prior, PriorConfig, attend
-from tests.numerics import assert_same, probe_loss
+from tests.numerics import assert_same, probe_value_and_grads
 
 # 16 text + 24 x 24 image = 592 positions, padded to 640 = 5 blocks of 128: blocks are skipped, partly shown
 # and fully shown, and the last one holds the padding.
@@ -98,15 +98,6 @@ def _split(config, seed):
     return nnx.split(build_pooled(lambda: Prior(config, rngs=nnx.Rngs(0)), jax.random.key(seed)))
 
 
-def _value_and_grads(params, graphdef, text, image, weights):
-    def loss(p):
-        text_logits, image_logits = nnx.merge(graphdef, p)(text, image)
-        value, scale = probe_loss(text_logits, image_logits, weights)
-        return value, (text_logits, image_logits, scale)
-
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-
-
 def _inputs(config, batch, rng):
     text = jnp.asarray(rng.integers(0, config.text_rows, (batch, config.text_len)), jnp.int32)
     image = jnp.asarray(rng.integers(0, config.image_vocab_size, (batch, config.image_len)), jnp.int32)
@@ -118,8 +109,8 @@ def test_prior_with_splash_equals_dense_logits_and_gradients():
     assert MODEL.masks()[2] == ("row", "column", "conv")
     rng = np.random.default_rng()
     inputs = _inputs(MODEL, 2, rng)
-    expected = _value_and_grads(*_split(dataclasses.replace(MODEL, attention_impl="dense"), 1)[::-1], *inputs)
-    assert_same(_value_and_grads(*_split(MODEL, 1)[::-1], *inputs), expected)
+    expected = probe_value_and_grads(*_split(dataclasses.replace(MODEL, attention_impl="dense"), 1)[::-1], *inputs)
+    assert_same(probe_value_and_grads(*_split(MODEL, 1)[::-1], *inputs), expected)
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
@@ -130,12 +121,12 @@ def test_sharded_splash_equals_single_device_dense(mesh_shape):
     rng = np.random.default_rng()
     graphdef, params = _split(config, 2)
     inputs = _inputs(config, 4, rng)
-    expected = _value_and_grads(*_split(dataclasses.replace(config, attention_impl="dense"), 2)[::-1], *inputs)
+    expected = probe_value_and_grads(*_split(dataclasses.replace(config, attention_impl="dense"), 2)[::-1], *inputs)
     sharded = sharding.shard_state(params, mesh, rules)
     with jax.set_mesh(mesh), sharding.axis_rules(rules):
         placed = [jax.device_put(x, sharding.named_sharding(mesh, sharding.batch_axes(x.ndim), rules))
                   for x in inputs]
-        actual = _value_and_grads(sharded, graphdef, *placed)
+        actual = probe_value_and_grads(sharded, graphdef, *placed)
         jaxpr = str(jax.make_jaxpr(lambda p, t, i: nnx.merge(graphdef, p)(t, i))(sharded, *placed[:2]))
     assert "shard_map" in jaxpr and "pallas_call" in jaxpr  # the kernel ran per device
     assert_same(actual, expected)

@@ -18,7 +18,7 @@ from dalle_jax.models.init import build_pooled
 from dalle_jax.models.transformer import Prior, PriorConfig, count_params, query_blocks
 from dalle_jax.train import loop
 from dalle_jax.train import prior as prior_train
-from tests.numerics import assert_same, probe_loss
+from tests.numerics import assert_same, probe_value_and_grads
 
 TINY = PriorConfig(text_vocab_size=40, text_len=5, image_vocab_size=24, grid_size=4, d_model=32, n_layers=3,
                    n_heads=2, head_dim=16, conv_kernel=3)
@@ -73,13 +73,7 @@ def test_blocked_attention_equals_dense_values_and_gradients(attention):
 
     def value_and_grads(config):
         graphdef, params = nnx.split(_model(config, seed=3))
-
-        def loss(p):
-            text_logits, image_logits = nnx.merge(graphdef, p)(text, image)
-            value, scale = probe_loss(text_logits, image_logits, weights)
-            return value, (text_logits, image_logits, scale)
-
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return probe_value_and_grads(params, graphdef, text, image, weights)
 
     assert_same(value_and_grads(blocked_config), value_and_grads(dense_config))
 
