@@ -27,9 +27,9 @@ def shapes_pipeline(quick: bool) -> dict[str, Any]:
     import jax
 
     from dalle_jax import sharding
-    from dalle_jax.config import DEFAULT_RULES, MeshConfig
     from dalle_jax.data.pipeline import Pipeline, device_batch, text_transform
     from dalle_jax.data.tokenizer import TextTokenizer
+    from dalle_jax.sharding import DEFAULT_RULES, MeshConfig
 
     num_train, image_size, batch = (512, 64, 64) if quick else (4096, 64, 64)
     steps = 4 if quick else 40

@@ -147,8 +147,8 @@ def build_jax_run(prior_config: Any, train_config: Any, seed: int = 0) -> JaxRun
     from flax import nnx
 
     from dalle_jax import sharding
-    from dalle_jax.config import MeshConfig
     from dalle_jax.models.transformer import Prior
+    from dalle_jax.sharding import MeshConfig
     from dalle_jax.train import loop
     from dalle_jax.train.prior import make_optimizer, make_prior_step
 

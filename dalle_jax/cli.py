@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args((argv or sys.argv[1:]) + ["--help"])
         return 2
     from dalle_jax import distributed
-    from dalle_jax.config import ConfigError
+    from dalle_jax.errors import DalleJaxError
 
     try:  # before any JAX call (building the parser makes none, so backends stay uninitialised)
         joined = distributed.initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("dalle_jax").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
+    except DalleJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -20,59 +20,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dalle_jax.errors import ConfigError
 from dalle_jax.models.clip import CLIPConfig
 from dalle_jax.models.dvae import DVAEConfig
 from dalle_jax.models.transformer import PriorConfig
-from dalle_jax.sharding import MESH_AXES
-
-# Logical axis name -> mesh axes. One table for every model; change it (or the mesh) to move between
-# data parallel, FSDP and tensor parallel without touching model code.
-DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", ("fsdp",)),
-    ("heads", ("tensor",)),
-    ("kv", None),
-    ("mlp", ("tensor",)),
-    ("vocab", ("tensor",)),
-    ("conv_in", None),
-    ("conv_out", ("fsdp",)),
-    ("height", None),
-    ("width", None),
-    ("layers", None),
-)
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the field and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Device mesh over axes (data, fsdp, tensor).
-
-    `ici_parallelism` is the shape within a slice (one -1 fills the remaining devices);
-    `dcn_parallelism` is the shape across slices (multi-slice pods; all ones on a single slice).
-    """
-
-    ici_parallelism: tuple[int, ...] = (-1, 1, 1)
-    dcn_parallelism: tuple[int, ...] = (1, 1, 1)
-    rules: tuple[tuple[str, tuple[str, ...] | None], ...] = DEFAULT_RULES
-
-    def __post_init__(self):
-        for name in ("ici_parallelism", "dcn_parallelism"):
-            shape = getattr(self, name)
-            if len(shape) != len(MESH_AXES):
-                raise ConfigError(f"mesh.{name}={shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
-            if any(s == 0 or s < -1 for s in shape):
-                raise ConfigError(f"mesh.{name}={shape}: entries must be positive or -1 (fill)")
-        if sum(s == -1 for s in self.ici_parallelism + self.dcn_parallelism) > 1:
-            raise ConfigError("mesh: at most one -1 (fill) entry across ici_parallelism and dcn_parallelism")
-        for logical, axes in self.rules:
-            for axis in axes or ():
-                if axis not in MESH_AXES:
-                    raise ConfigError(f"mesh.rules: '{logical}' maps to unknown mesh axis '{axis}' "
-                                      f"(mesh axes are {MESH_AXES})")
+from dalle_jax.sharding import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,10 +249,7 @@ class Config:
         # The reranker sees the same images and BPE ids (its trainer narrows text_vocab_size to the tokenizer's).
         clip_derived = dict(image_size=self.data.image_size, text_vocab_size=self.text.vocab_size,
                             text_len=self.text.text_len, pad_mode=self.text.pad_mode)
-        try:
-            object.__setattr__(self, "clip", dataclasses.replace(self.clip, **clip_derived))
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        object.__setattr__(self, "clip", dataclasses.replace(self.clip, **clip_derived))
 
 
 # --------------------------------------------------------------------------------------------------

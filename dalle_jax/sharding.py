@@ -11,25 +11,66 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-if TYPE_CHECKING:
-    from dalle_jax.config import MeshConfig
+from dalle_jax.errors import ConfigError, ShardingError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = Sequence[tuple[str, Sequence[str] | str | None]]
 LogicalAxes = Sequence[str | None]
 
+# Logical axis name -> mesh axes. One table for every model; change it (or the mesh) to move between
+# data parallel, FSDP and tensor parallel without touching model code.
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("kv", None),
+    ("mlp", ("tensor",)),
+    ("vocab", ("tensor",)),
+    ("conv_in", None),
+    ("conv_out", ("fsdp",)),
+    ("height", None),
+    ("width", None),
+    ("layers", None),
+)
 
-class ShardingError(ValueError):
-    """A mesh, batch or array shape does not fit; the message carries the numbers."""
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh over axes (data, fsdp, tensor); the `mesh` section of a config.
+
+    `ici_parallelism` is the shape within a slice (one -1 fills the remaining devices);
+    `dcn_parallelism` is the shape across slices (multi-slice pods; all ones on a single slice).
+    """
+
+    ici_parallelism: tuple[int, ...] = (-1, 1, 1)
+    dcn_parallelism: tuple[int, ...] = (1, 1, 1)
+    rules: tuple[tuple[str, tuple[str, ...] | None], ...] = DEFAULT_RULES
+
+    def __post_init__(self):
+        for name in ("ici_parallelism", "dcn_parallelism"):
+            shape = getattr(self, name)
+            if len(shape) != len(MESH_AXES):
+                raise ConfigError(f"mesh.{name}={shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+            if any(s == 0 or s < -1 for s in shape):
+                raise ConfigError(f"mesh.{name}={shape}: entries must be positive or -1 (fill)")
+        if sum(s == -1 for s in self.ici_parallelism + self.dcn_parallelism) > 1:
+            raise ConfigError("mesh: at most one -1 (fill) entry across ici_parallelism and dcn_parallelism")
+        for logical, axes in self.rules:
+            for axis in axes or ():
+                if axis not in MESH_AXES:
+                    raise ConfigError(f"mesh.rules: '{logical}' maps to unknown mesh axis '{axis}' "
+                                      f"(mesh axes are {MESH_AXES})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,18 +196,6 @@ def named_sharding(mesh: Mesh, logical_axes: LogicalAxes | None, rules: Rules,
 
 def _path_str(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def logical_axes_tree(state: Any) -> Any:
-    """The logical axis names of every leaf of an NNX state (None where a variable has no annotation)."""
-    from flax import nnx
-
-    def axes(v):
-        if isinstance(v, nnx.Variable):
-            return v.get_metadata().get("out_sharding")
-        return None
-
-    return jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:

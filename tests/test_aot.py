@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 
-from dalle_jax import aot, info
+from dalle_jax import aot, info, sharding
 from dalle_jax import config as config_lib
 
 needs_libtpu = pytest.mark.skipif(
@@ -46,7 +46,7 @@ def test_bad_topology_names(name, words):
 
 def _quick(**prior):
     config = config_lib.get_preset("quick")
-    return dataclasses.replace(config, mesh=config_lib.MeshConfig(ici_parallelism=(1, -1, 1)),
+    return dataclasses.replace(config, mesh=sharding.MeshConfig(ici_parallelism=(1, -1, 1)),
                                prior=dataclasses.replace(config.prior, **prior))
 
 

@@ -44,3 +44,26 @@ def test_config_prints_overrides_and_rejects_bad_ones(capsys):
     assert printed["dvae_train"]["batch_size"] == 48 and printed["name"] == "quick"
     assert main(["config", "--set", "dvae_train.batch_size=lots"]) == 2
     assert "dvae_train.batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("dvae.pooling=median", "'max' or 'avg'"),
+    ("dvae.logits=cosine", "'linear' (released) or 'distance'"),
+    ("prior.remat=some", "['dots', 'full', 'none']"),
+    ("prior.attention=strided", "'sparse'"),
+    ("prior.conv_kernel=4", "positive odd number"),
+    ("clip.image_pool=max", "'map' or 'mean'"),
+    ("clip.compute_dtype=float16", "float32 or bfloat16"),
+    ("mesh.ici_parallelism=0,1,1", "positive or -1"),
+    ("data.dataset=imagenet", "'shapes' or 'folder'"),
+    ("text.pad_mode=global", "'per_position' or 'shared'"),
+    ("dvae_train.temperature_schedule=step", "cosine or linear"),
+    ("prior_train.lr_schedule=step", "plateau, cosine or constant"),
+    ("clip_train.retrieval_batch=1", ">= 2"),
+])
+def test_a_bad_value_in_any_section_is_one_line_naming_the_field(override, allowed, capsys):
+    """Every section's validation (model configs included) reaches the user as one line, exit 2, no traceback."""
+    assert main(["config", "--preset", "demo", "--set", override]) == 2
+    err = capsys.readouterr().err
+    field = override.split("=")[0]
+    assert err.count("\n") == 1 and err.startswith(f"error: {field}") and allowed in err, err

@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 
 from dalle_jax import sharding
-from dalle_jax.config import ClipTrainConfig, MeshConfig
+from dalle_jax.config import ClipTrainConfig
 from dalle_jax.models.clip import CLIP, CLIPConfig, contrastive_loss, score, similarity_matrix
 from dalle_jax.models.init import build_pooled
+from dalle_jax.sharding import MeshConfig
 from dalle_jax.train import clip as clip_train
 from dalle_jax.train import loop
 

@@ -11,8 +11,8 @@ from flax import nnx
 
 from dalle_jax import config as config_lib
 from dalle_jax import sharding
-from dalle_jax.config import MeshConfig
 from dalle_jax.models.dvae import DVAE
+from dalle_jax.sharding import MeshConfig
 from dalle_jax.train import dvae as dvae_train
 from dalle_jax.train import loop
 from tests.preemption import sigterm_after_step

@@ -6,10 +6,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dalle_jax import sharding
-from dalle_jax.config import DEFAULT_RULES, MeshConfig
 from dalle_jax.data.pipeline import DatasetError, Pipeline, device_batch, open_split, text_transform
 from dalle_jax.data.shapes import ShapesSpec, build_shapes
 from dalle_jax.data.tokenizer import TextTokenizer
+from dalle_jax.sharding import DEFAULT_RULES, MeshConfig
 
 NUM_TRAIN = 72  # not a multiple of the batch sizes below, so epoch boundaries fall inside batches
 

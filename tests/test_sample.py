@@ -13,9 +13,9 @@ from jax.sharding import PartitionSpec
 
 from dalle_jax import sample as sample_lib
 from dalle_jax import sharding
-from dalle_jax.config import MeshConfig
 from dalle_jax.models.transformer import Prior, PriorConfig
 from dalle_jax.sample import SampleConfig, cached_logits, filter_logits, sample_reference, sample_tokens
+from dalle_jax.sharding import MeshConfig
 
 # 2 heads, embed 32, vocabularies 32 and 40 + 6 pads: all divisible by a (2, 2, 2) mesh.
 TINY = PriorConfig(text_vocab_size=40, text_len=6, image_vocab_size=32, grid_size=4, d_model=32, n_layers=2,

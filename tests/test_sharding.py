@@ -6,8 +6,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from dalle_jax import sharding
-from dalle_jax.config import DEFAULT_RULES, MeshConfig
-from dalle_jax.sharding import ShardingError
+from dalle_jax.sharding import DEFAULT_RULES, MeshConfig, ShardingError
 
 
 class TinyMLP(nnx.Module):

@@ -15,10 +15,10 @@ import pytest
 from flax import nnx
 
 from dalle_jax import sharding
-from dalle_jax.config import MeshConfig
 from dalle_jax.models import splash
 from dalle_jax.models.init import build_pooled
 from dalle_jax.models.transformer import Prior, PriorConfig, attend
+from dalle_jax.sharding import MeshConfig
 from tests.numerics import assert_same, probe_value_and_grads
 
 # 16 text + 24 x 24 image = 592 positions, padded to 640 = 5 blocks of 128: blocks are skipped, partly shown

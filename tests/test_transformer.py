@@ -13,9 +13,10 @@ from flax import nnx
 
 from dalle_jax import config as config_lib
 from dalle_jax import sharding
-from dalle_jax.config import MeshConfig, PriorTrainConfig
+from dalle_jax.config import PriorTrainConfig
 from dalle_jax.models.init import build_pooled
 from dalle_jax.models.transformer import Prior, PriorConfig, count_params, query_blocks
+from dalle_jax.sharding import MeshConfig
 from dalle_jax.train import loop
 from dalle_jax.train import prior as prior_train
 from tests.numerics import assert_same, probe_value_and_grads

@@ -25,12 +25,9 @@ import jax
 import numpy as np
 
 from dalle_jax import distributed, sharding
+from dalle_jax.errors import DatasetError
 
 ExampleTransform = Callable[[dict, np.random.Generator], dict]
-
-
-class DatasetError(ValueError):
-    """A dataset directory or split is missing or malformed; the message says which and what to do."""
 
 
 def open_split(dataset_dir: str | Path, split: str) -> Any:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dalle_jax.errors import ConfigError
 from dalle_jax.models.init import ones as _ones
 from dalle_jax.models.init import param as _param
 from dalle_jax.models.transformer import layer_norm, layer_stack
@@ -84,23 +85,23 @@ class CLIPConfig:
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(f"clip.patch_size={self.patch_size} does not divide the image size {self.image_size}")
+            raise ConfigError(f"clip.patch_size={self.patch_size} does not divide the image size {self.image_size}")
         for tower in ("image", "text"):
             width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
             if width % heads:
-                raise ValueError(f"clip.{tower}_width={width} is not divisible by clip.{tower}_heads={heads}")
+                raise ConfigError(f"clip.{tower}_width={width} is not divisible by clip.{tower}_heads={heads}")
             if getattr(self, f"{tower}_layers") < 1:
-                raise ValueError(f"clip.{tower}_layers must be >= 1")
+                raise ConfigError(f"clip.{tower}_layers must be >= 1")
         if self.image_pool not in ("map", "mean"):
-            raise ValueError(f"clip.image_pool='{self.image_pool}': choose 'map' or 'mean'")
+            raise ConfigError(f"clip.image_pool='{self.image_pool}': choose 'map' or 'mean'")
         if self.pad_mode not in ("per_position", "shared"):
-            raise ValueError(f"clip.pad_mode='{self.pad_mode}': choose 'per_position' or 'shared'")
+            raise ConfigError(f"clip.pad_mode='{self.pad_mode}': choose 'per_position' or 'shared'")
         if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"clip.compute_dtype='{self.compute_dtype}': float32 or bfloat16")
+            raise ConfigError(f"clip.compute_dtype='{self.compute_dtype}': float32 or bfloat16")
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
-            raise ValueError("clip.pixel_mean / clip.pixel_std need 3 entries, std > 0")
+            raise ConfigError("clip.pixel_mean / clip.pixel_std need 3 entries, std > 0")
         if not 0 < self.logit_scale_init <= math.log(self.logit_scale_max):
-            raise ValueError("clip.logit_scale_init must be in (0, log(logit_scale_max)]")
+            raise ConfigError("clip.logit_scale_init must be in (0, log(logit_scale_max)]")
 
     @property
     def text_rows(self) -> int:

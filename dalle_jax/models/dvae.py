@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dalle_jax.errors import ConfigError
 from dalle_jax.models.init import standard_normal
 from dalle_jax.sharding import constrain
 
@@ -52,15 +53,15 @@ class DVAEConfig:
 
     def __post_init__(self):
         if self.pooling not in ("max", "avg"):
-            raise ValueError(f"dvae.pooling='{self.pooling}': choose 'max' or 'avg'")
+            raise ConfigError(f"dvae.pooling='{self.pooling}': choose 'max' or 'avg'")
         if self.logits not in ("linear", "distance"):
-            raise ValueError(f"dvae.logits='{self.logits}': choose 'linear' (released) or 'distance'")
+            raise ConfigError(f"dvae.logits='{self.logits}': choose 'linear' (released) or 'distance'")
         if self.codebook_init_std < 0:
-            raise ValueError(f"dvae.codebook_init_std={self.codebook_init_std} must be >= 0 (0 = released init)")
+            raise ConfigError(f"dvae.codebook_init_std={self.codebook_init_std} must be >= 0 (0 = released init)")
         if self.group_count < 1 or self.blocks_per_group < 1:
-            raise ValueError("dvae.group_count and dvae.blocks_per_group must be >= 1")
+            raise ConfigError("dvae.group_count and dvae.blocks_per_group must be >= 1")
         if self.n_hid % 4 or self.n_init < 1:
-            raise ValueError(f"dvae.n_hid={self.n_hid} must be a multiple of 4 (blocks use n_out // 4)")
+            raise ConfigError(f"dvae.n_hid={self.n_hid} must be a multiple of 4 (blocks use n_out // 4)")
 
     @property
     def downsample(self) -> int:
@@ -68,7 +69,7 @@ class DVAEConfig:
 
     def grid_size(self, image_size: int) -> int:
         if image_size % self.downsample:
-            raise ValueError(f"image size {image_size} is not divisible by the dVAE's downsampling factor "
+            raise ConfigError(f"image size {image_size} is not divisible by the dVAE's downsampling factor "
                              f"{self.downsample} (2^(group_count-1))")
         return image_size // self.downsample
 

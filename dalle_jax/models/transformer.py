@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dalle_jax.errors import ConfigError
 from dalle_jax.models import masks as masks_lib
 from dalle_jax.models import splash as splash_lib
 from dalle_jax.models.init import ones as _ones
@@ -83,21 +84,27 @@ class PriorConfig:
 
     def __post_init__(self):
         if self.pad_mode not in ("per_position", "shared"):
-            raise ValueError(f"prior.pad_mode='{self.pad_mode}': choose 'per_position' or 'shared'")
+            raise ConfigError(f"prior.pad_mode='{self.pad_mode}': choose 'per_position' or 'shared'")
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"prior.remat='{self.remat}': choose one of {sorted(REMAT_POLICIES)}")
+            raise ConfigError(f"prior.remat='{self.remat}': choose one of {sorted(REMAT_POLICIES)}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"prior.attention_impl='{self.attention_impl}': choose one of {ATTENTION_IMPLS}")
+            raise ConfigError(f"prior.attention_impl='{self.attention_impl}': choose one of {ATTENTION_IMPLS}")
         if self.attention_block < 1:
-            raise ValueError(f"prior.attention_block={self.attention_block} must be >= 1")
+            raise ConfigError(f"prior.attention_block={self.attention_block} must be >= 1")
         if self.splash_block < 128 or self.splash_block % 128:
-            raise ValueError(f"prior.splash_block={self.splash_block} must be a positive multiple of 128 (the "
+            raise ConfigError(f"prior.splash_block={self.splash_block} must be a positive multiple of 128 (the "
                              f"splash kernel tiles keys by the TPU lane width)")
         if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"prior.compute_dtype='{self.compute_dtype}': float32 or bfloat16")
+            raise ConfigError(f"prior.compute_dtype='{self.compute_dtype}': float32 or bfloat16")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"prior.dropout={self.dropout} must be in [0, 1)")
-        masks_lib.layer_schedule(self.n_layers, self.attention, self.last_layer_conv)  # validates attention
+            raise ConfigError(f"prior.dropout={self.dropout} must be in [0, 1)")
+        if self.attention not in ("sparse", *masks_lib.LAYER_TYPES):
+            raise ConfigError(f"prior.attention='{self.attention}': choose 'sparse' (the paper's schedule) or one "
+                              f"type for every layer: {masks_lib.LAYER_TYPES}")
+        if self.conv_kernel < 1 or self.conv_kernel % 2 != 1:
+            raise ConfigError(f"prior.conv_kernel={self.conv_kernel} must be a positive odd number")
+        if min(self.n_layers, self.n_heads, self.head_dim, self.d_model, self.mlp_ratio) < 1:
+            raise ConfigError("prior.n_layers, n_heads, head_dim, d_model and mlp_ratio must be >= 1")
 
     @property
     def text_rows(self) -> int:
