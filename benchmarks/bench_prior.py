@@ -1,7 +1,7 @@
 """Training throughput and MFU of our transformer prior, against DALLE-pytorch at the same dimensions.
 
 Ours: the `bench` preset's prior (d 512, 8 layers of 8 x 64 heads, 64 text + 16x16 image tokens, vocab 16384 /
-8192, the paper's sparse mask schedule) trained with the real step: `make_optimizer` + `make_prior_step` on a
+8192, the paper's sparse mask schedule) trained with the real step: `optim.make_optimizer` + `make_prior_step` on a
 one-device mesh, state from `loop.init_state`, batches from `sharding.shard_batch`. Measured in fp32 and bf16
 compute.
 
@@ -134,7 +134,8 @@ class JaxRun:
 
     def xla_flops(self) -> float | None:
         """XLA's count for this step (a fresh one, so the timed step's trace cache never sees the unrolling)."""
-        from dalle_jax.train.prior import make_optimizer, make_prior_step
+        from dalle_jax.train.optim import make_optimizer
+        from dalle_jax.train.prior import make_prior_step
 
         step = make_prior_step(self.train_config, self.prior_config, make_optimizer(self.train_config), self.spec,
                                self.mesh, self.rules, self.prior_config.text_vocab_size)
@@ -147,10 +148,11 @@ def build_jax_run(prior_config: Any, train_config: Any, seed: int = 0) -> JaxRun
     from flax import nnx
 
     from dalle_jax import sharding
-    from dalle_jax.models.transformer import Prior
+    from dalle_jax.models.prior import Prior
     from dalle_jax.sharding import MeshConfig
     from dalle_jax.train import loop
-    from dalle_jax.train.prior import make_optimizer, make_prior_step
+    from dalle_jax.train.optim import make_optimizer
+    from dalle_jax.train.prior import make_prior_step
 
     mesh_config = MeshConfig(ici_parallelism=(1, 1, 1))
     mesh = sharding.make_mesh(mesh_config, devices=jax.devices()[:1])

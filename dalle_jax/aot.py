@@ -31,11 +31,9 @@ of the splash kernels' own (the tiles their masks show, see `splash_train_flops`
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -50,16 +48,17 @@ from flax import nnx
 
 from dalle_jax import sharding
 from dalle_jax.config import Config
+from dalle_jax.errors import DalleJaxError
 from dalle_jax.models import splash
-from dalle_jax.models.transformer import Prior, PriorConfig
+from dalle_jax.models.prior import Prior, PriorConfig
+from dalle_jax.sampling import sampler
 from dalle_jax.sharding import MESH_AXES
 
 GIB = 1024**3
 _RAW_NOTE = "layers not counted (--no-count): FLOPs and bytes are XLA's raw counts, one layer's worth"
-CACHE_AXES = ("layers", "batch", "length", "heads", "kv")  # as dalle_jax.sample: k, v (layers, B, L, heads, kv)
 
 
-class AOTError(RuntimeError):
+class AOTError(DalleJaxError, RuntimeError):
     """AOT compilation cannot start (no libtpu, unknown topology); the message says what to do."""
 
 
@@ -494,11 +493,11 @@ def _with_batch(config: Config, batch: int | None) -> Config:
 
 def _train_program(config: Config, mesh: jax.sharding.Mesh) -> Any:
     """A function that lowers `make_prior_step`'s jitted step for abstract, sharded state and batch."""
-    from dalle_jax.train import loop, prior
+    from dalle_jax.train import loop, optim, prior
 
     cfg, model_cfg, rules = config.prior_train, config.prior, config.mesh.rules
     sharding.check_batch(cfg.batch_size // cfg.microbatches, mesh, rules)
-    optimizer = prior.make_optimizer(cfg)
+    optimizer = optim.make_optimizer(cfg)
     spec = loop.state_spec(lambda: Prior(model_cfg, rngs=nnx.Rngs(cfg.seed)), optimizer, mesh, rules, cfg.seed)
     step = prior.make_prior_step(cfg, model_cfg, optimizer, spec, mesh, rules, model_cfg.text_vocab_size)
     shapes = {"text": (cfg.batch_size, model_cfg.text_len), "image_tokens": (cfg.batch_size, model_cfg.image_len)}
@@ -552,7 +551,7 @@ def _split_over(mesh: jax.sharding.Mesh, rules: Any) -> int:
 
 def _report(mode: str, config: Config, topology: Topology, mesh: jax.sharding.Mesh, programs: list[Compiled],
             model_flops: list[float], batch: int, tokens: int, notes: list[str], layers_counted: bool) -> Report:
-    from dalle_jax.models.transformer import count_params
+    from dalle_jax.models.prior import count_params
 
     slices = f"{topology.num_slices} x " if topology.num_slices > 1 else ""
     return Report(mode=mode, preset=config.name, topology=topology.name, topology_name=slices + topology.topology_name,
@@ -576,10 +575,10 @@ def _sample_programs(config: Config, mesh: jax.sharding.Mesh, batch: int) -> tup
     param_shardings = sharding.state_shardings(abstract, mesh, rules).to_pure_dict()
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract.to_pure_dict(),
                           param_shardings)
-    cache_shape = (model_cfg.n_layers, batch, model_cfg.seq_len, model_cfg.n_heads, model_cfg.head_dim)
-    cache_sharding = sharding.named_sharding(mesh, CACHE_AXES, rules, cache_shape, "KV cache")
+    shape = sampler.cache_shape(model_cfg, batch)
+    cache_sharding = sharding.named_sharding(mesh, sampler.CACHE_AXES, rules, shape, "KV cache")
     dtype = jnp.dtype(model_cfg.compute_dtype)
-    cache = {name: jax.ShapeDtypeStruct(cache_shape, dtype, sharding=cache_sharding) for name in ("k", "v")}
+    cache = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=cache_sharding) for name in ("k", "v")}
 
     def batched(shape, dtype=jnp.int32):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_sharding(
@@ -588,19 +587,16 @@ def _sample_programs(config: Config, mesh: jax.sharding.Mesh, batch: int) -> tup
     logits_sharding = sharding.named_sharding(mesh, ("batch", "vocab"), rules)
     replicated = sharding.named_sharding(mesh, None, rules)
 
-    def constrain_cache(cache):
-        return {name: sharding.constrain(value, CACHE_AXES) for name, value in cache.items()}
-
+    # The sampler's own prefill and decode-step functions, each followed by the image head as the sampler applies it.
     def prefill(params, cache, text):  # text (B, T) -> image-token-0 logits (B, V), cache
         model = nnx.merge(graphdef, nnx.State(params))
-        tokens = Prior.input_tokens(text, jnp.zeros((text.shape[0], 1), text.dtype))  # (B, T + 1): [start | text]
-        h, cache = model.forward(tokens, 0, cache)
-        return model.image_logits(h[:, -1:])[:, 0].astype(jnp.float32), constrain_cache(cache)
+        h, cache = sampler.prefill(model, cache, text, jnp.zeros((text.shape[0], 1), text.dtype))
+        return model.image_logits(h[:, -1:])[:, 0].astype(jnp.float32), cache
 
     def decode(params, cache, token, position):  # token (B,) at `position` -> next logits (B, V), cache
         model = nnx.merge(graphdef, nnx.State(params))
-        h, cache = model.forward(token[:, None], position, cache)
-        return model.image_logits(h)[:, 0].astype(jnp.float32), constrain_cache(cache)
+        h, cache = sampler.decode_step(model, cache, token, position)
+        return model.image_logits(h)[:, 0].astype(jnp.float32), cache
 
     # Inputs keep the shardings their ShapeDtypeStructs carry; the cache is donated, as in the sampler.
     out = (logits_sharding, {"k": cache_sharding, "v": cache_sharding})
@@ -651,85 +647,3 @@ def compile_sample_step(config: Config, topology: str | Topology, batch: int | N
              "a full sample is one prefill + image_len - 1 decode steps (the sampler runs them in one program); "
              "attention is dense over the whole cache"]
     return _report("sample", config, topology, mesh, programs, model_flops, batch, p.seq_len, notes, count_layers)
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI
-
-def register_cli(subparsers: Any) -> None:
-    from dalle_jax.cli import add_config_args
-
-    parser = subparsers.add_parser(
-        "aot", help="compile the prior's train step (or sampler) for a TPU slice on this host; memory vs HBM",
-        description="Ahead-of-time compiles the prior's real train step (--mode train) or one prefill and one "
-                    "cached decode step (--mode sample) for a TPU topology, on a CPU host with libtpu installed "
-                    "(pip install -e '.[tpu]'; run with JAX_PLATFORMS=cpu). Prints per-chip memory against the "
-                    "chip's HBM, FLOPs and bytes per step, a roofline step time and the MFU it implies. Exits 1 "
-                    "when the program does not fit.",
-        epilog="examples:\n"
-               "  dalle-jax aot --preset paper_12b --topology v4-256 --mesh 1,-1,1\n"
-               "  dalle-jax aot --preset paper_12b --topology v5p-256 --mesh 1,-1,2 --batch 1024\n"
-               "  dalle-jax aot --preset paper_12b --topology v5e-8 --mode sample --batch 8\n"
-               "topologies: v4-N and v5p-N count TensorCores (v4-256 = 128 chips), v5e-N (v5litepod-N) and v6e-N "
-               "count chips; or an explicit shape such as v4:4x4x8",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    add_config_args(parser, default_preset="paper_12b")
-    parser.set_defaults(func=_cli)
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--topology", required=True, help="TPU slice, e.g. v4-256, v5p-256, v5e-256, v4:4x4x8")
-    parser.add_argument("--slices", type=int, default=1, help="number of such slices joined over DCN (default 1)")
-    parser.add_argument("--mesh", help="shorthand for --set mesh.ici_parallelism=D,F,T (data, fsdp, tensor)")
-    parser.add_argument("--batch", type=int, help="global batch (train; default prior_train.batch_size) or "
-                                                  "sequences decoded together (sample; default one per shard)")
-    parser.add_argument("--mode", choices=("train", "sample"), default="train")
-    parser.add_argument("--no-count", action="store_true", help="skip the 1- and 2-layer compiles that count "
-                                                                 "every layer's FLOPs (raw XLA counts instead)")
-    parser.add_argument("--json", help="also write the report as JSON here")
-
-
-def _use_cpu_backend() -> None:
-    """Compile-only TPU devices need no attached TPU; keep JAX off one (a CPU host, or a busy TPU VM)."""
-    from jax._src import xla_bridge
-
-    if not os.environ.get("JAX_PLATFORMS") and not xla_bridge.backends_are_initialized():
-        jax.config.update("jax_platforms", "cpu")
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from dalle_jax import config as config_lib
-
-    _use_cpu_backend()
-    overrides = list(args.set) + ([f"mesh.ici_parallelism={args.mesh}"] if args.mesh else [])
-    config = config_lib.resolve(args.preset, overrides)
-    try:
-        topology = parse_topology(args.topology, args.slices)
-        compile_fn = compile_train_step if args.mode == "train" else compile_sample_step
-        report = compile_fn(config, topology, args.batch, count_layers=not args.no_count)
-    except (AOTError, sharding.ShardingError) as error:
-        print(f"error: {error}")
-        return 2
-    print(report.format())
-    if args.json:
-        from pathlib import Path
-
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    if not report.fits:
-        print(f"error: the {args.mode} step of {config.name} does not fit {report.chip.hbm_gib:g} GiB per chip on "
-              f"{args.topology} with mesh {report.mesh}: try more chips, another mesh, a smaller --batch, "
-              f"--set prior_train.microbatches=N or --set prior.remat=full")
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    _parser = argparse.ArgumentParser(prog="python -m dalle_jax.aot", description=__doc__.split("\n")[0])
-    _add_arguments(_parser)
-    from dalle_jax.cli import add_config_args
-
-    add_config_args(_parser, default_preset="paper_12b")
-    sys.exit(_cli(_parser.parse_args()))

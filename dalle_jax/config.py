@@ -23,7 +23,7 @@ from typing import Any
 from dalle_jax.errors import ConfigError
 from dalle_jax.models.clip import CLIPConfig
 from dalle_jax.models.dvae import DVAEConfig
-from dalle_jax.models.transformer import PriorConfig
+from dalle_jax.models.prior import PriorConfig
 from dalle_jax.sharding import MeshConfig
 
 

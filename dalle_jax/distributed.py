@@ -16,23 +16,11 @@ How the processes find each other:
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax
 
 ENV_VAR = "DALLE_JAX_DISTRIBUTED"
-
-
-def add_distributed_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Adds the multi-host flags (all three or none) as an argument group "multi-host"."""
-    group = parser.add_argument_group(
-        "multi-host", f"one process per host; give all three flags, or set {ENV_VAR}=1 to let JAX read them from "
-                      "the cluster (TPU VM pods, Slurm, Open MPI); neither: a single process")
-    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
-    group.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the job")
-    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
-    return group
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,

@@ -80,15 +80,13 @@ def save_grid(path: str | Path, images: Sequence[np.ndarray], captions: Sequence
 CURVE_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (127, 127, 127), (148, 103, 189), (255, 127, 14))
 
 
-def plot_curves(out: str | Path, run_dir: str | Path, keys: Sequence[str], *, title: str = "",
+def plot_curves(out: str | Path, rows: Sequence[dict], keys: Sequence[str], *, title: str = "",
                 size: tuple[int, int] = (640, 400)) -> Path | None:
-    """Line plot of `keys` from run_dir/metrics.jsonl against step, as a PNG (no plotting library needed).
+    """Line plot of `keys` against step from metric rows ({"step": ..., key: value}, as metrics.jsonl holds
+    them), as a PNG (no plotting library needed).
 
-    Keys absent from the file are skipped; returns None when none is present.
+    Keys absent from the rows are skipped; returns None when none is present.
     """
-    from dalle_jax.train.metrics import read_metrics
-
-    rows = read_metrics(run_dir)
     series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
     series = {k: v for k, v in series.items() if v}
     if not series:

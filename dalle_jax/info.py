@@ -6,7 +6,6 @@ resolved on paper, so `--devices 256` works on a laptop), the sequence layout an
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Any
 
@@ -16,7 +15,7 @@ from flax import nnx
 from dalle_jax import sharding
 from dalle_jax.config import Config
 from dalle_jax.models import masks as masks_lib
-from dalle_jax.models.transformer import Prior
+from dalle_jax.models.prior import Prior
 from dalle_jax.sharding import MESH_AXES
 
 # Adam keeps two fp32 moments per parameter, the EMA one more copy: params + ema + mu + nu.
@@ -83,27 +82,3 @@ def _runs(schedule: tuple[str, ...]) -> str:
     counts = ", ".join(f"{t} {schedule.count(t)}" for t in masks_lib.LAYER_TYPES if t in schedule)
     head = " ".join(schedule[:8]) + (" ..." if len(schedule) > 8 else "")
     return f"{counts}; layers 1-{min(8, len(schedule))}: {head}; last: {schedule[-1]}"
-
-
-def register_cli(subparsers: Any) -> None:
-    from dalle_jax.cli import add_config_args
-
-    parser = subparsers.add_parser(
-        "info", help="parameter count, per-device memory and mask schedule of a preset's prior",
-        description="Computes the prior of a preset abstractly (nothing is allocated): parameter count, "
-                    "per-device fp32 parameter and optimizer-state bytes under the config's mesh over --devices "
-                    "devices, the sequence layout and the per-layer attention masks.",
-        epilog="examples:\n  dalle-jax info --preset paper_12b --devices 256\n"
-               "  dalle-jax info --preset paper_12b --devices 64 --set mesh.ici_parallelism=1,16,4",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, default_preset="paper_12b")
-    parser.add_argument("--devices", type=int, help="devices the mesh spans (default: this host's device count)")
-    parser.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from dalle_jax import config as config_lib
-
-    config = config_lib.resolve(args.preset, args.set)
-    print(describe(config, args.devices or jax.device_count()))
-    return 0

@@ -291,27 +291,3 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     spec = logical_to_spec(logical_axes, rules)
     check_divisible(x.shape, spec, mesh, "activation", logical_axes)
     return jax.lax.with_sharding_constraint(x, spec)
-
-
-def create_sharded(model_fn: Any, mesh: Mesh, rules: Rules, seed: int = 0) -> Any:
-    """Builds an NNX model with every parameter born sharded on `mesh` (never whole on one device).
-
-    The model is traced abstractly first (nothing allocated) to learn shapes and logical axes; the real
-    initialisation then runs under `jax.jit` with those output shardings, drawing its normals from one pooled
-    buffer keyed by `seed` (see models/init.py). Flax's eager sharding is off while doing so because our
-    logical names are mapped by `rules`, not by Flax's global context.
-    """
-    from flax import nnx
-
-    from dalle_jax.models.init import build_pooled
-
-    with nnx.use_eager_sharding(False):
-        graphdef, abstract_state = nnx.split(nnx.eval_shape(model_fn))
-    shardings = state_shardings(abstract_state, mesh, rules)
-
-    def init():
-        with nnx.use_eager_sharding(False):
-            return nnx.split(build_pooled(model_fn, jax.random.key(seed)))[1]
-
-    state = jax.jit(init, out_shardings=shardings)()
-    return nnx.merge(graphdef, state)

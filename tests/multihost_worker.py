@@ -19,7 +19,9 @@ def main() -> int:
     parser.add_argument("--data", required=True, help="directory with tokens/ and tokenizer.json")
     parser.add_argument("--out", required=True)
     parser.add_argument("--set", action="append", default=[])
-    distributed.add_distributed_args(parser)
+    from dalle_jax.commands.common import add_distributed_args
+
+    add_distributed_args(parser)
     args = parser.parse_args()
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     logger = logging.getLogger("dalle_jax")  # as the CLI does: INFO lines ("resumed from step ...") to stderr
@@ -29,7 +31,7 @@ def main() -> int:
     import jax
 
     from dalle_jax import config as config_lib
-    from dalle_jax.cli import find_dataset_dir
+    from dalle_jax.runs import find_dataset_dir
     from dalle_jax.train.prior import train_prior
 
     config = config_lib.resolve("quick", args.set)

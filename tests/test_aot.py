@@ -12,6 +12,7 @@ import pytest
 
 from dalle_jax import aot, info, sharding
 from dalle_jax import config as config_lib
+from dalle_jax.commands import aot as aot_command
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -111,7 +112,7 @@ def test_sample_steps_hold_the_sharded_cache():
 @needs_libtpu
 def test_cli_exits_1_when_it_does_not_fit(capsys):
     parser = argparse.ArgumentParser()
-    aot.register_cli(parser.add_subparsers())
+    aot_command.register(parser.add_subparsers())
     # 2^20 sequences: the fp32 attention scores alone are ~8 GiB per layer per chip on a v5e-8.
     args = parser.parse_args(["aot", "--preset", "quick", "--topology", "v5e-8", "--batch", str(2**20),
                               "--no-count"])
@@ -123,7 +124,7 @@ def test_cli_exits_1_when_it_does_not_fit(capsys):
 @needs_libtpu
 def test_cli_names_an_indivisible_mesh(capsys):
     parser = argparse.ArgumentParser()
-    aot.register_cli(parser.add_subparsers())
+    aot_command.register(parser.add_subparsers())
     args = parser.parse_args(["aot", "--preset", "quick", "--topology", "v5e-8", "--mesh", "1,1,8", "--no-count"])
     assert args.func(args) == 2
     assert "not divisible" in capsys.readouterr().out
@@ -147,7 +148,7 @@ def test_splash_attention_compiles_into_the_train_step_as_pallas_kernels():
 @needs_libtpu
 def test_no_count_prints_no_step_time_from_one_layers_flops(capsys):
     parser = argparse.ArgumentParser()
-    aot.register_cli(parser.add_subparsers())
+    aot_command.register(parser.add_subparsers())
     args = parser.parse_args(["aot", "--preset", "quick", "--topology", "v5e-8", "--no-count"])
     assert args.func(args) == 0
     out = capsys.readouterr().out

@@ -24,7 +24,6 @@ from dalle_jax.train.checkpoint import (
     PreemptionGuard,
     abstract_like,
     fingerprints,
-    write_config_once,
 )
 
 AXES = ("data", "fsdp", "tensor")
@@ -191,11 +190,11 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage):
     with Checkpointer(tmp_path, save_every=5) as ckpt:
         with pytest.raises(CheckpointRestoreError, match=str(bad_dir)):
             ckpt.restore(10, abstract_like(states[10]))
-        with caplog.at_level(logging.WARNING, logger="dalle_jax.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="dalle_jax.train.checkpoint"):
             step, state, it_state, meta = ckpt.restore_latest(abstract_like(states[10]))
         assert (step, it_state, meta) == (5, {"next_index": 20}, {"step": 5})
         assert_bitwise_equal(state, states[5])
-        fallback = [r for r in caplog.records if r.name == "dalle_jax.checkpoint" and r.levelno == logging.WARNING
+        fallback = [r for r in caplog.records if r.name == "dalle_jax.train.checkpoint" and r.levelno == logging.WARNING
                     and "fell back to step 5" in r.getMessage()]
         assert len(fallback) == 1 and str(bad_dir) in fallback[0].getMessage()
         # The bad one is moved aside, so the resumed run can write step 10 again.
@@ -211,7 +210,7 @@ def test_partially_written_latest_is_ignored(tmp_path, caplog):
     partial = tmp_path / "15.orbax-checkpoint-tmp-1234567"  # what a save killed mid-write leaves behind
     shutil.copytree(tmp_path / "10", partial)
     truncate(partial)
-    with caplog.at_level(logging.WARNING, logger="dalle_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dalle_jax.train.checkpoint"):
         with Checkpointer(tmp_path, save_every=5) as ckpt:
             restored = ckpt.restore_latest(abstract_like(states[10]))
             ckpt.save(15, states[5])
@@ -259,16 +258,6 @@ def test_preemption_guard_sets_flag_and_restores_handlers():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is before_term and signal.getsignal(signal.SIGINT) is before_int
-
-
-def test_write_config_once(tmp_path, caplog):
-    path = write_config_once(tmp_path / "run", {"model": {"width": 8}, "lr": 0.1})
-    original = path.read_text()
-    write_config_once(tmp_path / "run", {"model": {"width": 8}, "lr": 0.1})
-    assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="dalle_jax.checkpoint"):
-        write_config_once(tmp_path / "run", {"model": {"width": 16}, "lr": 0.1})
-    assert path.read_text() == original and "model" in caplog.records[-1].getMessage()
 
 
 TRAIN_SCRIPT = textwrap.dedent("""

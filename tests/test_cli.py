@@ -33,9 +33,9 @@ def test_build_then_show_a_grid(tmp_path, capsys):
     assert (np.abs(grid.astype(int) - [255, 255, 255]).sum(-1) > 100).mean() > 0.01
 
 
-def test_show_names_a_missing_dataset(tmp_path):
-    with pytest.raises(SystemExit, match="no prepared dataset"):
-        main(["data", "show", str(tmp_path), "--out", str(tmp_path / "x.png")])
+def test_show_names_a_missing_dataset(tmp_path, capsys):
+    assert main(["data", "show", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no prepared dataset" in capsys.readouterr().err
 
 
 def test_config_prints_overrides_and_rejects_bad_ones(capsys):

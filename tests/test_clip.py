@@ -1,4 +1,4 @@
-"""The CLIP reranker: InfoNCE against numpy, score() is a cosine, pads cannot move a text embedding, a sharded
+"""The CLIP reranker: InfoNCE against numpy, pair_similarity() is a cosine, pads cannot move a text embedding, a sharded
 step equals a single-device one, and `dalle-jax train-clip` trains, evaluates, resumes and loads."""
 
 import dataclasses
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dalle_jax import sharding
+from dalle_jax import runs, sharding
 from dalle_jax.config import ClipTrainConfig
-from dalle_jax.models.clip import CLIP, CLIPConfig, contrastive_loss, score, similarity_matrix
+from dalle_jax.models.clip import CLIP, CLIPConfig, contrastive_loss, pair_similarity, similarity_matrix
 from dalle_jax.models.init import build_pooled
 from dalle_jax.sharding import MeshConfig
 from dalle_jax.train import clip as clip_train
-from dalle_jax.train import loop
+from dalle_jax.train import loop, optim
 
 TINY = CLIPConfig(image_size=8, patch_size=4, image_width=16, image_layers=2, image_heads=2, text_vocab_size=30,
                   text_len=6, text_width=16, text_layers=2, text_heads=2, embed_dim=8, init_std=0.2)
@@ -90,7 +90,7 @@ def test_score_is_the_cosine_of_the_embeddings_and_pads_are_ignored():
     @jax.jit  # one compile instead of op-by-op dispatch
     def run(images, texts):
         image_emb, text_emb = model(images, texts[0])
-        return {"image": image_emb, "text": text_emb, "score": score(model, images, texts[0]),
+        return {"image": image_emb, "text": text_emb, "score": pair_similarity(model, images, texts[0]),
                 "matrix": similarity_matrix(model, images, texts[0]),
                 "variants": [model.encode_text(t) for t in texts[1:]]}
 
@@ -121,7 +121,7 @@ def _train(mesh_shape, batches):
     devices = jax.devices()[: math.prod(mesh_shape)]
     mesh = sharding.make_mesh(MeshConfig(ici_parallelism=mesh_shape), devices=devices)
     rules = MeshConfig().rules
-    optimizer = clip_train.make_optimizer(TRAIN)
+    optimizer = optim.make_optimizer(TRAIN)
     state, spec = loop.init_state(lambda: CLIP(TINY, rngs=nnx.Rngs(0)), optimizer, mesh, rules, 0)
     step = clip_train.make_clip_step(TRAIN, TINY, optimizer, spec, mesh, rules)
     losses = []
@@ -197,7 +197,7 @@ def test_train_clip_evaluates_resumes_and_loads(shapes_data, tmp_path):
     # The loaded model reproduces the run's own last evaluation (4 batches of 16 validation pairs, in order).
     from dalle_jax.data.pipeline import caption_text, open_split
 
-    model, tokenizer, config = clip_train.load_clip(run)
+    model, tokenizer, config = runs.load_clip(run)
     assert config.clip_train.steps == 110 and model.config.text_vocab_size == tokenizer.vocab_size
     saved = json.loads((out / "clip_config.json").read_text())
     assert json.loads(json.dumps(dataclasses.asdict(model.config))) == saved
@@ -209,6 +209,6 @@ def test_train_clip_evaluates_resumes_and_loads(shapes_data, tmp_path):
     hits = sum(clip_train.retrieval_counts(image_emb[b:b + 16], text_emb[b:b + 16], np.zeros(16, bool))["t2i"]
                for b in range(0, 64, 16))
     np.testing.assert_allclose(hits / 64, final["eval/retrieval_top1"], atol=1e-9)
-    matched = np.sum(image_emb * text_emb, 1)  # score() of the pairs (a cosine: see the test above)
+    matched = np.sum(image_emb * text_emb, 1)  # pair_similarity() of the pairs (a cosine: see the test above)
     mismatched = np.sum(image_emb * np.roll(text_emb, 1, axis=0), 1)
     assert matched.mean() > mismatched.mean() + 0.1  # a caption scores its own image higher than another's

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dalle_jax import runs
+from dalle_jax.commands.convert import register_openai_dvae
 from dalle_jax.convert import openai_dvae as od
 from dalle_jax.convert.safe_pickle import UnsafePickleError, read_torch_file
 from dalle_jax.models.dvae import DVAE, DVAEConfig, map_pixels
@@ -57,7 +59,7 @@ def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    od.register_cli(parser.add_subparsers(dest="command"))
+    register_openai_dvae(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -230,7 +232,7 @@ def test_cli_convert_then_load_dvae(tmp_path, capsys):
     assert run_cli(argv) == 0
     assert "checkpoints/0" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "dvae_config.json").read_text()) == dataclasses.asdict(SMALL)
-    loaded = od.load_dvae(tmp_path / "out")
+    loaded = runs.load_dvae(tmp_path / "out")
     assert loaded.config == SMALL
     assert_same_params(nnx.state(loaded, nnx.Param).to_pure_dict(), params)
     assert run_cli(argv) == 2  # refuses to overwrite without --force
@@ -251,8 +253,8 @@ def test_load_dvae_reads_a_trainer_run(tmp_path):
              "step": jnp.asarray(7, jnp.int32), "key": jax.random.key_data(jax.random.key(0))}
     with Checkpointer(run / "dvae" / "checkpoints", save_every=1) as checkpointer:
         checkpointer.save(7, jax.tree.map(jnp.asarray, state), force=True)
-    assert_same_params(nnx.state(od.load_dvae(run), nnx.Param).to_pure_dict(), ema)
-    assert_same_params(nnx.state(od.load_dvae(run / "dvae", use_ema=False), nnx.Param).to_pure_dict(), params)
+    assert_same_params(nnx.state(runs.load_dvae(run), nnx.Param).to_pure_dict(), ema)
+    assert_same_params(nnx.state(runs.load_dvae(run / "dvae", use_ema=False), nnx.Param).to_pure_dict(), params)
 
 
 # ------------------------------------------------------------------------------------- against dall_e

@@ -7,8 +7,8 @@ import pytest
 
 from dalle_jax import config as config_lib
 from dalle_jax.data.shapes import parse_holdout, render_objects
-from dalle_jax.demo import REPORT_N, accuracy_table, prompt_sets, wilson_interval
-from dalle_jax.generate import Kept
+from dalle_jax.demo.evaluate import REPORT_N, accuracy_table, prompt_sets, wilson_interval
+from dalle_jax.sampling.rerank import RankedSample
 
 
 def _candidates(rng, num, prompt_shape, color):
@@ -18,7 +18,7 @@ def _candidates(rng, num, prompt_shape, color):
                              32) for ok in truth]
     scores = rng.normal(size=num)
     order = np.argsort(-scores, kind="stable")
-    return [Kept(images[i], float(scores[i]), int(i)) for i in order], truth, scores
+    return [RankedSample(images[i], float(scores[i]), int(i)) for i in order], truth, scores
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -78,7 +78,7 @@ def test_prompt_sets_cover_the_pairs_and_keep_the_holdout_apart():
 def test_sample_grid_shows_each_distinct_prompt_once(tmp_path):
     from PIL import Image
 
-    from dalle_jax.demo import save_sample_grid
+    from dalle_jax.demo.evaluate import save_sample_grid
 
     rng = np.random.default_rng(0)
     prompts = ["a red circle", "a blue square", "a red circle", "a green cross", "a blue square"]

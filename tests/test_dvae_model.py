@@ -86,7 +86,8 @@ def test_logit_laplace_density_integrates_to_one():
 
 
 def test_schedules_follow_the_paper():
-    from dalle_jax.train.dvae import kl_weight_at, learning_rate_schedule, temperature_at
+    from dalle_jax.train.dvae import kl_weight_at, temperature_at
+    from dalle_jax.train.optim import learning_rate_schedule
 
     cfg = DVAETrainConfig()
     at = lambda f, s: float(f(jnp.asarray(s), cfg))

@@ -14,14 +14,14 @@ from dalle_jax import sharding
 from dalle_jax.models.dvae import DVAE
 from dalle_jax.sharding import MeshConfig
 from dalle_jax.train import dvae as dvae_train
-from dalle_jax.train import loop
+from dalle_jax.train import loop, optim
 from tests.preemption import sigterm_after_step
 
 
 def _steps(mesh, cfg, batches, shape=(16, 16, 16, 3)):
     rules = cfg.mesh.rules
     tc = cfg.dvae_train
-    optimizer = dvae_train.make_optimizer(tc)
+    optimizer = optim.make_optimizer(tc)
     state, spec = loop.init_state(lambda: DVAE(cfg.dvae, rngs=nnx.Rngs(tc.seed)), optimizer, mesh, rules, tc.seed)
     batch_sharding = {"image": sharding.named_sharding(mesh, sharding.batch_axes(4), rules, shape)}
     step = loop.make_train_step(lambda m, b, k, s: dvae_train.dvae_loss(m, b, k, s, tc), optimizer, spec, mesh,

@@ -7,9 +7,9 @@ from PIL import Image
 
 from dalle_jax import config as config_lib
 from dalle_jax.cli import main
-from dalle_jax.convert.openai_dvae import load_dvae
-from dalle_jax.data.pipeline import dataset_dir_for, open_split
+from dalle_jax.data.pipeline import open_split
 from dalle_jax.encode import encode_dataset, reconstruct_files
+from dalle_jax.runs import dataset_dir_for, load_dvae
 from dalle_jax.train.dvae import train_dvae
 
 OVERRIDES = ["dvae.group_count=2", "data.image_size=16", "data.grid=1", "data.num_train=48", "data.num_validation=20",

@@ -13,6 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from dalle_jax.commands.data import register_folder
 from dalle_jax.data.folder import (
     REPORT_FILENAME,
     FolderInputError,
@@ -20,7 +21,6 @@ from dalle_jax.data.folder import (
     assign_split,
     build_folder,
     preprocess_image,
-    register_cli,
 )
 
 S = 16  # output side for every test build
@@ -366,7 +366,7 @@ def test_errors_name_the_path(tmp_path: Path) -> None:
 
 def test_register_cli_builds_and_reports(messy_folder: dict, tmp_path: Path, capsys) -> None:
     parser = argparse.ArgumentParser(prog="dalle-jax data")
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    register_folder(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "cli_out"
     args = parser.parse_args(["folder", str(messy_folder["src"]), "--out", str(out), "--image-size", str(S),
                               "--validation-fraction", "0.5", "--seed", "3"])

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dalle_jax.commands.sample import read_prompts
 from dalle_jax.data.tokenizer import TextTokenizer
-from dalle_jax.generate import Kept, SampleInputError, encode_prompts, read_prompts, write_outputs
+from dalle_jax.sampling.rerank import RankedSample, SampleInputError, encode_prompts, write_outputs
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_empty_prompt_is_named(tokenizer):
 
 def test_long_prompt_is_truncated_with_what_was_kept(tokenizer, caplog):
     long = "a large blue square in the top left above a green cross"
-    with caplog.at_level(logging.WARNING, logger="dalle_jax.sample"):
+    with caplog.at_level(logging.WARNING, logger="dalle_jax.sampling.rerank"):
         ids = encode_prompts(tokenizer, ["a red circle", long])
     assert ids.shape == (2, 6)
     kept = tokenizer.decode(ids[1:2])[0]
@@ -41,7 +42,7 @@ def test_unseen_characters_still_encode(tokenizer):
 def test_output_layout(tmp_path):
     rng = np.random.default_rng(0)
     prompts = ["a red circle", "a blue square"]
-    results = [[Kept(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), s, i)
+    results = [[RankedSample(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), s, i)
                 for i, s in enumerate(scores)] for scores in ([0.9, 0.5, 0.1], [0.3, 0.2, -0.4])]
     grid = write_outputs(tmp_path, prompts, results, seed=3)
     lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]

@@ -167,9 +167,10 @@ def test_distributed_flags_all_or_none(monkeypatch):
     import argparse
 
     from dalle_jax import distributed
+    from dalle_jax.commands.common import add_distributed_args
 
     parser = argparse.ArgumentParser()
-    distributed.add_distributed_args(parser)
+    add_distributed_args(parser)
     args = parser.parse_args(["--coordinator", "10.0.0.1:1234", "--num-processes", "4", "--process-id", "3"])
     assert (args.coordinator, args.num_processes, args.process_id) == ("10.0.0.1:1234", 4, 3)
     with pytest.raises(ValueError, match="--coordinator given without --num-processes, --process-id"):

@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from dalle_jax import sample as sample_lib
 from dalle_jax import sharding
-from dalle_jax.models.transformer import Prior, PriorConfig
-from dalle_jax.sample import SampleConfig, cached_logits, filter_logits, sample_reference, sample_tokens
+from dalle_jax.models.prior import Prior, PriorConfig
+from dalle_jax.sampling import sampler as sample_lib
+from dalle_jax.sampling.sampler import SampleConfig, cached_logits, filter_logits, sample_reference, sample_tokens
 from dalle_jax.sharding import MeshConfig
 
 # 2 heads, embed 32, vocabularies 32 and 40 + 6 pads: all divisible by a (2, 2, 2) mesh.

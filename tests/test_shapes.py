@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from dalle_jax.commands.data import register_shapes
 from dalle_jax.data.scorer import detect_objects
 from dalle_jax.data.shapes import (
     COLORS,
@@ -19,7 +20,6 @@ from dalle_jax.data.shapes import (
     ShapesSpec,
     build_shapes,
     parse_holdout,
-    register_cli,
     render_example,
     render_objects,
 )
@@ -288,7 +288,7 @@ def test_rebuilding_the_same_spec_reuses_the_data(built):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-jax data")
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    register_shapes(parser.add_subparsers(dest="command", required=True))
     return parser
 
 

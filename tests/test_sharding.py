@@ -6,6 +6,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from dalle_jax import sharding
+from dalle_jax.models.init import create_sharded
 from dalle_jax.sharding import DEFAULT_RULES, MeshConfig, ShardingError
 
 
@@ -59,7 +60,7 @@ def test_logical_to_spec_uses_each_mesh_axis_once():
 def test_sharded_model_equals_unsharded(ici, expect_w_in):
     mesh = sharding.make_mesh(MeshConfig(ici_parallelism=ici))
     seed = int(np.random.default_rng().integers(1 << 30))
-    model = sharding.create_sharded(lambda: TinyMLP(16, 32, nnx.Rngs(seed)), mesh, DEFAULT_RULES)
+    model = create_sharded(lambda: TinyMLP(16, 32, nnx.Rngs(seed)), mesh, DEFAULT_RULES)
     with nnx.use_eager_sharding(False):
         reference = TinyMLP(16, 32, nnx.Rngs(seed))
     assert model.w_in[...].sharding.spec == expect_w_in
@@ -86,7 +87,7 @@ def test_indivisible_parameter_is_reported_before_compiling():
     mesh = sharding.make_mesh(MeshConfig(ici_parallelism=(2, 1, 4)))
     with pytest.raises(ShardingError, match=r"parameter 'b_in': dimension 0 \(logical 'mlp'\) of size 30 is not "
                                             r"divisible by mesh axis tensor of size 4"):
-        sharding.create_sharded(lambda: TinyMLP(16, 30, nnx.Rngs(0)), mesh, DEFAULT_RULES)
+        create_sharded(lambda: TinyMLP(16, 30, nnx.Rngs(0)), mesh, DEFAULT_RULES)
 
 
 def test_batch_not_divisible_by_data_parallel_size():

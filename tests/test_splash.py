@@ -17,7 +17,7 @@ from flax import nnx
 from dalle_jax import sharding
 from dalle_jax.models import splash
 from dalle_jax.models.init import build_pooled
-from dalle_jax.models.transformer import Prior, PriorConfig, attend
+from dalle_jax.models.prior import Prior, PriorConfig, attend
 from dalle_jax.sharding import MeshConfig
 from tests.numerics import assert_same, probe_value_and_grads
 

@@ -9,11 +9,11 @@ import warnings
 import numpy as np
 import pytest
 
+from dalle_jax.commands.tokenizer import register as register_tokenizer
 from dalle_jax.data.tokenizer import (
     CaptionTruncatedWarning,
     TextTokenizer,
     captions_from_dataset,
-    register_cli,
 )
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "magenta", "white", "black"]
@@ -270,7 +270,7 @@ def test_cli_train_on_tfds_dataset(tmp_path, seed, capsys):
     assert sorted(captions_from_dataset(dataset_dir)) == sorted(captions)
 
     parser = argparse.ArgumentParser(prog="dalle-jax")
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    register_tokenizer(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "run" / "tokenizer.json"
     args = parser.parse_args(
         ["tokenizer", "train", "--data", dataset_dir, "--out", str(out), "--vocab-size", "320",

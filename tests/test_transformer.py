@@ -15,9 +15,9 @@ from dalle_jax import config as config_lib
 from dalle_jax import sharding
 from dalle_jax.config import PriorTrainConfig
 from dalle_jax.models.init import build_pooled
-from dalle_jax.models.transformer import Prior, PriorConfig, count_params, query_blocks
+from dalle_jax.models.prior import Prior, PriorConfig, count_params, query_blocks
 from dalle_jax.sharding import MeshConfig
-from dalle_jax.train import loop
+from dalle_jax.train import loop, optim
 from dalle_jax.train import prior as prior_train
 from tests.numerics import assert_same, probe_value_and_grads
 
@@ -157,7 +157,7 @@ def _train(mesh_shape, batches, cfg=TRAIN, model_cfg=SHARDABLE):
     devices = jax.devices()[: math.prod(mesh_shape)]
     mesh = sharding.make_mesh(MeshConfig(ici_parallelism=mesh_shape), devices=devices)
     rules = MeshConfig().rules
-    optimizer = prior_train.make_optimizer(cfg)
+    optimizer = optim.make_optimizer(cfg)
     state, spec = loop.init_state(lambda: Prior(model_cfg, rngs=nnx.Rngs(0)), optimizer, mesh, rules, 0)
     step = prior_train.make_prior_step(cfg, model_cfg, optimizer, spec, mesh, rules, model_cfg.text_vocab_size)
     losses = []
@@ -203,7 +203,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_decay_mask_spares_gains_biases_and_embeddings():
     params = nnx.state(_model(TINY), nnx.Param).to_pure_dict()
-    mask = prior_train.decay_mask(params)
+    mask = optim.decay_mask(TRAIN)(params)
     assert mask["layers"]["wq"] and mask["layers"]["w2"] and mask["image_head"]
     assert not mask["layers"]["ln1_scale"] and not mask["layers"]["bq"] and not mask["text_embed"]
     assert not mask["row_embed"] and not mask["start_embed"]
@@ -211,13 +211,13 @@ def test_decay_mask_spares_gains_biases_and_embeddings():
 
 def test_plateau_schedule_halves_the_learning_rate():
     cfg = dataclasses.replace(TRAIN, lr_schedule="plateau", plateau_patience=1, plateau_window=1)
-    optimizer = prior_train.make_optimizer(cfg)
+    optimizer = optim.make_optimizer(cfg)
     params = {"w": jnp.ones((2, 2))}
     state = optimizer.init(params)
     grads = {"w": jnp.ones((2, 2))}
     for _ in range(4):  # a loss that never improves
         _, state = optimizer.update(grads, state, params, value=jnp.asarray(1.0))
-    assert float(prior_train.plateau_scale(state)) < 1.0
+    assert float(optim.plateau_scale(state)) < 1.0
     assert isinstance(optax.contrib.ReduceLROnPlateauState, type)
 
 

@@ -12,14 +12,12 @@ Released name (G, I, J 1-based, weights OIHW)       ours (0-based, weights HWIO)
   blocks.output.conv.{w,b}                           output.{w,b}
 
 `convert` writes `OUT/dvae_config.json` and `OUT/checkpoints/0` with `{"params", "ema_params"}` (identical),
-the layout the dVAE trainer writes, so `load_dvae` reads either.
+the layout the dVAE trainer writes, so `dalle_jax.runs.load_dvae` reads either.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
 import hashlib
 import json
 import re
@@ -32,21 +30,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from dalle_jax import runs
 from dalle_jax.convert.safe_pickle import (
     UnsafePickleError,
     UnsupportedCheckpointError,
     is_torch_file,
     read_torch_file,
 )
-from dalle_jax.models.dvae import DVAE, DVAEConfig
+from dalle_jax.errors import DalleJaxError
+from dalle_jax.models.dvae import DVAE, DVAEConfig, abstract_params, dvae_from_params
 
 PREFIX = "blocks."
 PARTS = ("encoder", "decoder")
 
 
-class ConversionError(ValueError):
+class ConversionError(DalleJaxError, ValueError):
     """The weights do not fit the released architecture; the message names the tensors."""
 
 
@@ -246,17 +245,9 @@ def infer_config(encoder: Mapping[str, np.ndarray], decoder: Mapping[str, np.nda
         raise ConversionError(f"the tensors describe an unsupported dVAE: {error}") from error
 
 
-@functools.lru_cache(maxsize=4)
-def _abstract_dvae(config: DVAEConfig) -> tuple[nnx.GraphDef, dict[str, Any]]:
-    """(graphdef, pure dict of ShapeDtypeStructs) of our DVAE; tracing it takes a second, so it is cached."""
-    with nnx.use_eager_sharding(False):
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: DVAE(config, rngs=nnx.Rngs(0))), nnx.Param)
-    return graphdef, state.to_pure_dict()
-
-
 def _param_paths(config: DVAEConfig, part: str) -> dict[tuple[Any, ...], tuple[int, ...]]:
     """{path inside the encoder/decoder: shape} of our model's parameters."""
-    pure = _abstract_dvae(config)[1][part]
+    pure = abstract_params(config)[1][part]
     return {tuple(_key(k) for k in path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
 
@@ -317,16 +308,6 @@ def to_released(params: Mapping[str, Any], *, prefix: str = PREFIX) -> dict[str,
     return out
 
 
-def build_dvae(config: DVAEConfig, params: Mapping[str, Any]) -> DVAE:
-    """A DVAE holding `params` (a pure dict as `nnx.state(dvae, nnx.Param).to_pure_dict()` gives)."""
-    graphdef, abstract = _abstract_dvae(config)
-    expected = jax.tree.map(lambda a: a.shape, abstract)
-    got = jax.tree.map(np.shape, dict(params))
-    if got != expected:
-        raise ConversionError(f"params do not fit the dVAE {config} (tree or shapes differ)")
-    return nnx.merge(graphdef, nnx.State(jax.tree.map(jnp.asarray, params)))
-
-
 # ----------------------------------------------------------------------------------------- import / export
 
 
@@ -346,7 +327,7 @@ def read_released(encoder_path: str | Path, decoder_path: str | Path) -> tuple[D
 def load_released(encoder_path: str | Path, decoder_path: str | Path) -> DVAE:
     """OpenAI's encoder/decoder files (or state dicts of them) -> our DVAE, with the config they describe."""
     config, params = read_released(encoder_path, decoder_path)
-    return build_dvae(config, params)
+    return dvae_from_params(config, params)
 
 
 def _sha256(path: str | Path) -> str:
@@ -366,7 +347,7 @@ def convert(encoder_path: str | Path, decoder_path: str | Path, out_dir: str | P
     from dalle_jax.train.checkpoint import Checkpointer  # orbax is only needed here
 
     out = Path(out_dir)
-    checkpoints = out / "checkpoints"
+    checkpoints = out / runs.CHECKPOINTS
     if checkpoints.exists() and any(checkpoints.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{checkpoints} already holds checkpoints; choose another --out or pass --force")
@@ -374,7 +355,7 @@ def convert(encoder_path: str | Path, decoder_path: str | Path, out_dir: str | P
     config, params = read_released(encoder_path, decoder_path)
     params = jax.tree.map(jnp.asarray, params)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "dvae_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    (out / runs.MODEL_CONFIG["dvae"]).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     meta = {"source": "openai-dvae"}
     for part, path in (("encoder", encoder_path), ("decoder", decoder_path)):
         meta.update({f"{part}_file": str(Path(path).resolve()), f"{part}_sha256": _sha256(path)})
@@ -385,94 +366,3 @@ def convert(encoder_path: str | Path, decoder_path: str | Path, out_dir: str | P
     finally:
         checkpointer.close()
     return out
-
-
-def find_dvae_dir(run_or_out_dir: str | Path) -> Path:
-    """The directory holding dvae_config.json: the given one, or its `dvae/` (a training run directory)."""
-    from dalle_jax.train.checkpoint import find_model_dir
-
-    return find_model_dir(run_or_out_dir, "dvae", "dvae_config.json", "pass the --out of `dalle-jax convert "
-                          "openai-dvae` or a run directory of `dalle-jax train-dvae`")
-
-
-def load_dvae(run_or_out_dir: str | Path, use_ema: bool = True) -> DVAE:
-    """Loads a converted or trained dVAE (config + latest intact checkpoint); EMA weights by default.
-
-    Works for any checkpoint whose state has "params" / "ema_params" pure dicts beside other items (a
-    trainer's optimizer state, step, key): those are read too (Orbax restores whole trees) and dropped.
-    """
-    import orbax.checkpoint as ocp
-
-    from dalle_jax.train.checkpoint import STATE, Checkpointer
-
-    directory = find_dvae_dir(run_or_out_dir)
-    config = DVAEConfig(**json.loads((directory / "dvae_config.json").read_text()))
-    checkpoints = directory / "checkpoints"
-    if not checkpoints.is_dir():
-        raise FileNotFoundError(f"{checkpoints} does not exist: the dVAE in {directory} has no checkpoint yet")
-    key = "ema_params" if use_ema else "params"
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    # keep is only applied when saving; this reader never saves.
-    checkpointer = Checkpointer(checkpoints, save_every=1, keep=1)
-    try:
-        latest = checkpointer.latest_step()
-        if latest is None:
-            raise FileNotFoundError(f"{checkpoints} holds no finished checkpoint")
-        on_disk = ocp.StandardCheckpointHandler().metadata(checkpointer.step_directory(latest) / STATE)
-        abstract = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
-                                       is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-                    for name, tree in dict(on_disk.tree).items()}
-        if key not in abstract:
-            raise KeyError(f"checkpoint {checkpointer.step_directory(latest)} has no '{key}' (items: "
-                           f"{sorted(abstract)}){'; try use_ema=False' if use_ema else ''}")
-        ours = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            _abstract_dvae(config)[1])
-        abstract.update({name: ours for name in ("params", "ema_params") if name in abstract})
-        restored = checkpointer.restore_latest(abstract)
-    finally:
-        checkpointer.close()
-    return build_dvae(config, restored.state[key])
-
-
-# ----------------------------------------------------------------------------------------- CLI
-
-
-_EPILOG = """\
-The released files are whole pickled torch modules. They are read by an allowlisting unpickler that runs no
-code from the file and needs neither torch nor the dall_e package; anything outside plain module/tensor
-state is refused. State dicts (.pt/.pth, .npz, .safetensors; names with or without 'blocks.') work too.
-
-writes:
-  OUT/dvae_config.json    the architecture, inferred from the tensors' shapes
-  OUT/checkpoints/0/      params and ema_params (identical), as the dVAE trainer writes them
-
-example:
-  dalle-jax convert openai-dvae --encoder encoder.pkl --decoder decoder.pkl --out runs/openai-dvae
-  # then use it wherever a dVAE directory is expected, e.g. load_dvae("runs/openai-dvae")
-"""
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Adds `openai-dvae` (convert OpenAI's released dVAE) to the `convert` group's sub-parsers."""
-    parser = subparsers.add_parser(
-        "openai-dvae", help="import OpenAI's released dVAE (encoder.pkl, decoder.pkl) safely",
-        description="Converts OpenAI's released DALL-E dVAE into a dalle-jax dVAE directory, checking every\n"
-                    "tensor's name and shape against the architecture inferred from the files.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", required=True, help="encoder.pkl (or an encoder state dict)")
-    parser.add_argument("--decoder", required=True, help="decoder.pkl (or a decoder state dict)")
-    parser.add_argument("--out", required=True, help="output directory (created)")
-    parser.add_argument("--force", action="store_true", help="replace checkpoints already in --out")
-    parser.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    try:
-        out = convert(args.encoder, args.decoder, args.out, overwrite=args.force)
-    except (ConversionError, UnsafePickleError, UnsupportedCheckpointError, FileNotFoundError,
-            FileExistsError) as error:
-        print(f"error: {error}")
-        return 2
-    config = DVAEConfig(**json.loads((out / "dvae_config.json").read_text()))
-    print(f"converted the dVAE {config}\n  -> {out}/dvae_config.json, {out}/checkpoints/0")
-    return 0

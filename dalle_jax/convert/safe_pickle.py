@@ -29,11 +29,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from dalle_jax.errors import DalleJaxError
+
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(DalleJaxError, pickle.UnpicklingError):
     """The file names a global outside the allowlist (or is otherwise not plain weights); nothing was run.
 
     `global_name` is the refused "module.name", or None when the refusal had another reason.
@@ -44,7 +46,7 @@ class UnsafePickleError(pickle.UnpicklingError):
         self.global_name = global_name
 
 
-class UnsupportedCheckpointError(ValueError):
+class UnsupportedCheckpointError(DalleJaxError, ValueError):
     """The file is not a format this reader understands (e.g. torch's pre-1.0 tar format)."""
 
 

@@ -19,7 +19,6 @@ which writes ``~/tensorflow_datasets/captioned_folder/<config>/1.0.0`` plus ``bu
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
@@ -27,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -556,55 +554,3 @@ def _print_report(report: BuildReport, version_dir: str) -> None:
         print(line)
     print(f"wrote {version_dir} (report: {REPORT_FILENAME})")
     print(report.summary())
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Adds ``folder``: a user's folder of captioned images → TFDS array_record dataset."""
-    parser = subparsers.add_parser(
-        "folder",
-        help="turn a folder of captioned images into a TFDS dataset",
-        description=(
-            "Turn a folder of images with captions into a TFDS dataset (array_record): SxS RGB uint8\n"
-            "images, captions, ids and source paths, split into train/validation by a stable hash of each\n"
-            "path. Captions come from name.txt beside name.jpg, or from --manifest. Images are converted\n"
-            "to RGB, short side resized to S (LANCZOS), centre cropped. Unusable files are skipped and\n"
-            "listed with the reason; the full list goes to build_report.json in the dataset directory\n"
-            "OUT/captioned_folder/<config>/1.0.0, which the command prints."
-        ),
-        epilog=(
-            "examples:\n"
-            "  dalle-jax data folder ~/photos --out ~/tensorflow_datasets --image-size 64\n"
-            "  dalle-jax data folder ~/photos --out data --manifest ~/photos/captions.jsonl\n"
-            "\nmanifest formats (paths relative to the manifest's folder, or absolute):\n"
-            '  JSONL: {"path": "cats/1.jpg", "caption": "a cat on a mat"}\n'
-            "  TSV:   cats/1.jpg<TAB>a cat on a mat"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("source", metavar="SRC", help="folder of images (searched recursively)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="TFDS data dir to write into")
-    parser.add_argument("--image-size", type=int, default=64, metavar="S", help="output side (default 64)")
-    parser.add_argument(
-        "--manifest", metavar="FILE", help="JSONL or TSV captions file instead of name.txt sidecars"
-    )
-    parser.add_argument(
-        "--validation-fraction", type=float, default=0.05, metavar="F", help="held-out share (default 0.05)"
-    )
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="salt of the split hash (default 0)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="rebuild if this folder was built before with other files"
-    )
-    parser.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    try:
-        spec = FolderSpec(args.source, args.image_size, args.manifest, args.validation_fraction, args.seed)
-        build_folder(args.out, spec, overwrite=args.overwrite, verbose=True)
-    except (FileNotFoundError, NotADirectoryError, FileExistsError, FolderInputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0

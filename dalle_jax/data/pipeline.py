@@ -24,7 +24,7 @@ import grain
 import jax
 import numpy as np
 
-from dalle_jax import distributed, sharding
+from dalle_jax import sharding
 from dalle_jax.errors import DatasetError
 
 ExampleTransform = Callable[[dict, np.random.Generator], dict]
@@ -143,22 +143,3 @@ def shapes_spec(data_config: Any) -> Any:
                              num_validation=data_config.num_validation, num_test=data_config.num_test,
                              holdout=shapes.parse_holdout(data_config.holdout), seed=data_config.seed,
                              grid=data_config.grid)
-
-
-def dataset_dir_for(data_config: Any, run_dir: str | Path) -> Path:
-    """The dataset a run trains on: `data.data_dir` if set, else the built-in shapes data built in the run dir
-    (built once; rebuilding with the same spec reuses it)."""
-    if data_config.data_dir:
-        return Path(data_config.data_dir)
-    if data_config.dataset != "shapes":
-        raise DatasetError(f"data.dataset='{data_config.dataset}' needs data.data_dir: build it with "
-                           f"`dalle-jax data folder SRC --out DIR` and pass --set data.data_dir=<printed dir>")
-    from dalle_jax.data import shapes
-
-    spec = shapes_spec(data_config)
-    # Several hosts: process 0 builds first and the others then reuse its files (a shared run directory) or
-    # build their own copy (host-local disks), so no two processes write the same files at once.
-    if jax.process_index() == 0:
-        shapes.build_shapes(str(Path(run_dir) / "data"), spec)
-    distributed.barrier("dalle_jax_build_shapes")
-    return Path(shapes.build_shapes(str(Path(run_dir) / "data"), spec))

@@ -28,7 +28,6 @@ Example i of split s depends only on (spec, s, i) through `np.random.default_rng
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -429,83 +428,3 @@ def build_shapes(data_dir: str, spec: ShapesSpec) -> str:
     builder = ShapesBuilder(data_dir=data_dir, config=ShapesBuilder.config_for(spec), file_format="array_record")
     builder.download_and_prepare()
     return str(builder.data_dir)
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-
-_CLI_EPILOG = """\
-The `dataset:` directory printed at the end is what `tfds.builder_from_directory` (and the training configs' data
-path) accept. Rebuilding with the same options reuses the existing files.
-
-example:
-  dalle-jax data shapes --out ~/data --num 20000 --image-size 64 --holdout "red triangle,blue circle"
-"""
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Adds the `shapes` sub-command (build the captioned-shapes dataset) to `subparsers`."""
-    parser = subparsers.add_parser(
-        "shapes",
-        help="build the built-in captioned-shapes dataset (TFDS array_record)",
-        description=(
-            "Render the captioned-shapes dataset (one or two coloured shapes on white, with captions such as "
-            "'a small red circle in the top left' or 'a blue square above an orange cross') and write it as a "
-            "TFDS array_record dataset with train/validation/test splits under --out. Held-out colour/shape "
-            "pairs never appear in train but do in validation and test."
-        ),
-        epilog=_CLI_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    defaults = ShapesSpec()
-    parser.add_argument("--out", required=True, help="TFDS data directory to write into")
-    parser.add_argument("--num", type=int, default=defaults.num_train, help="train examples (%(default)s)")
-    parser.add_argument(
-        "--num-validation", type=int, default=defaults.num_validation, help="validation examples (%(default)s)"
-    )
-    parser.add_argument("--num-test", type=int, default=defaults.num_test, help="test examples (%(default)s)")
-    parser.add_argument(
-        "--image-size", type=int, default=defaults.image_size, help="image side in pixels, >= 16 (%(default)s)"
-    )
-    parser.add_argument(
-        "--holdout",
-        default=",".join(f"{c} {s}" for c, s in defaults.holdout),
-        help="comma-separated '<colour> <shape>' pairs kept out of train, or 'none' (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="example i of a split depends only on it (%(default)s)"
-    )
-    parser.add_argument(
-        "--template-weights",
-        default=",".join(str(w) for w in defaults.template_weights),
-        help=f"weights of the caption templates {', '.join(TEMPLATES)} (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--grid", type=int, default=defaults.grid,
-        help="object corners snap to multiples of this many pixels; set it to the dVAE's downsampling factor "
-             "for one token pattern per object (default: %(default)s = any pixel)",
-    )
-    parser.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    try:
-        spec = ShapesSpec(
-            image_size=args.image_size,
-            num_train=args.num,
-            num_validation=args.num_validation,
-            num_test=args.num_test,
-            holdout=parse_holdout(args.holdout),
-            seed=args.seed,
-            template_weights=tuple(float(w) for w in args.template_weights.split(",")),
-            grid=args.grid,
-        )
-    except ValueError as error:
-        print(f"error: {error}")
-        return 2
-    path = build_shapes(args.out, spec)
-    info = tfds.builder_from_directory(path).info
-    print(f"dataset: {path}")
-    for split in SPLITS:
-        if split in info.splits:
-            print(f"  {split}: {info.splits[split].num_examples} examples")
-    return 0

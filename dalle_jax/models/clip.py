@@ -38,7 +38,7 @@ from flax import nnx
 from dalle_jax.errors import ConfigError
 from dalle_jax.models.init import ones as _ones
 from dalle_jax.models.init import param as _param
-from dalle_jax.models.transformer import layer_norm, layer_stack
+from dalle_jax.models.prior import layer_norm, layer_stack
 from dalle_jax.sharding import constrain
 
 RESIDUAL = ("batch", "length", None)
@@ -119,7 +119,7 @@ class CLIPConfig:
 
 
 
-class Encoder(nnx.Module):
+class TransformerTower(nnx.Module):
     """A stack of pre-norm transformer blocks (bidirectional, optional key mask); returns the residual stream.
 
     There is no key bias: it adds the same q·b to every score of a query, so its gradient is exactly zero and
@@ -219,7 +219,7 @@ class CLIP(nnx.Module):
         self.patch_embed = _param(rngs, (c.patch_dim, c.image_width), 1.0 / math.sqrt(c.patch_dim), (None, "embed"))
         self.patch_bias = _param(rngs, (c.image_width,), 0, ("embed",))
         self.image_pos = _param(rngs, (c.num_patches, c.image_width), std, (None, "embed"))
-        self.image_encoder = Encoder(c.image_width, c.image_layers, c.image_heads, c.mlp_ratio, std, rngs=rngs)
+        self.image_encoder = TransformerTower(c.image_width, c.image_layers, c.image_heads, c.mlp_ratio, std, rngs=rngs)
         if c.image_pool == "map":
             self.image_pooler = AttentionPool(c.image_width, c.image_heads, std, rngs=rngs)
         self.image_post_scale = _ones((c.image_width,), ("embed",))
@@ -230,7 +230,7 @@ class CLIP(nnx.Module):
         self.token_embed = _param(rngs, (c.text_rows, c.text_width), std, (None, "embed"))
         self.text_start = _param(rngs, (c.text_width,), std, ("embed",))
         self.text_pos = _param(rngs, (c.text_len + 1, c.text_width), std, (None, "embed"))
-        self.text_encoder = Encoder(c.text_width, c.text_layers, c.text_heads, c.mlp_ratio, std, rngs=rngs)
+        self.text_encoder = TransformerTower(c.text_width, c.text_layers, c.text_heads, c.mlp_ratio, std, rngs=rngs)
         self.text_post_scale = _ones((c.text_width,), ("embed",))
         self.text_post_bias = _param(rngs, (c.text_width,), 0, ("embed",))
         self.text_proj = _param(rngs, (c.text_width, c.embed_dim), c.text_width**-0.5, ("embed", None))
@@ -287,7 +287,7 @@ def similarity_matrix(model: CLIP, images: jax.Array, text_ids: jax.Array) -> ja
     return image_emb @ text_emb.T
 
 
-def score(model: CLIP, images: jax.Array, text_ids: jax.Array) -> jax.Array:
+def pair_similarity(model: CLIP, images: jax.Array, text_ids: jax.Array) -> jax.Array:
     """Cosine similarity of matched pairs (image i, caption i): (B,) in [-1, 1]. Rerank by this."""
     image_emb, text_emb = model(images, text_ids)
     return jnp.sum(image_emb * text_emb, axis=-1)

@@ -14,6 +14,7 @@ encoder 53,786,240 parameters, decoder 43,829,766.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -237,3 +238,21 @@ def _pool(x: jax.Array, kind: str) -> jax.Array:
 
 def count_params(module: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+@functools.lru_cache(maxsize=4)
+def abstract_params(config: DVAEConfig) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, pure dict of ShapeDtypeStructs) of a DVAE; tracing it takes a second, so it is cached."""
+    with nnx.use_eager_sharding(False):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: DVAE(config, rngs=nnx.Rngs(0))), nnx.Param)
+    return graphdef, state.to_pure_dict()
+
+
+def dvae_from_params(config: DVAEConfig, params: dict) -> DVAE:
+    """A DVAE holding `params` (a pure dict as `nnx.state(dvae, nnx.Param).to_pure_dict()` gives)."""
+    graphdef, abstract = abstract_params(config)
+    expected = jax.tree.map(lambda a: a.shape, abstract)
+    got = jax.tree.map(jnp.shape, dict(params))
+    if got != expected:
+        raise ConfigError(f"params do not fit the dVAE {config} (tree or shapes differ)")
+    return nnx.merge(graphdef, nnx.State(jax.tree.map(jnp.asarray, params)))

@@ -14,10 +14,13 @@ import contextvars
 import dataclasses
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from dalle_jax import sharding
 
 
 @dataclasses.dataclass
@@ -88,3 +91,23 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple) -> nn
 def ones(shape: tuple[int, ...], axes: tuple) -> nnx.Param:
     """A parameter of ones (LayerNorm gains) with logical `axes`."""
     return nnx.Param(jnp.ones(shape, jnp.float32), out_sharding=axes)
+
+
+def create_sharded(model_fn: Any, mesh: jax.sharding.Mesh, rules: sharding.Rules, seed: int = 0) -> Any:
+    """Builds an NNX model with every parameter born sharded on `mesh` (never whole on one device).
+
+    The model is traced abstractly first (nothing allocated) to learn shapes and logical axes; the real
+    initialisation then runs under `jax.jit` with those output shardings, drawing its normals from one pooled
+    buffer keyed by `seed` (`build_pooled`). Flax's eager sharding is off while doing so because our
+    logical names are mapped by `rules`, not by Flax's global context.
+    """
+    with nnx.use_eager_sharding(False):
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(model_fn))
+    shardings = sharding.state_shardings(abstract_state, mesh, rules)
+
+    def init():
+        with nnx.use_eager_sharding(False):
+            return nnx.split(build_pooled(model_fn, jax.random.key(seed)))[1]
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)

@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec
 from dalle_jax import sharding
 
 if TYPE_CHECKING:
-    from dalle_jax.models.transformer import PriorConfig
+    from dalle_jax.models.prior import PriorConfig
 
 # Batch and heads follow the model's rules; the sequence is whole on each device (the kernel cannot split keys).
 SHARDED_AXES = ("batch", None, "heads", None)

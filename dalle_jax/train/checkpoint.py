@@ -1,9 +1,7 @@
 """Checkpoints shared by every trainer (dVAE, prior, CLIP): Orbax underneath, resumable, verified.
 
-A run directory looks like::
+A stage directory (see `dalle_jax.runs`) holds one `Checkpointer` directory::
 
-    run_dir/
-      config.json              the resolved config, written once (`write_config_once`)
       checkpoints/             a `Checkpointer` directory
         5/                     one step: Orbax items
           state/               the train-state pytree (OCDBT/zarr arrays, sharded writes from every host)
@@ -37,14 +35,12 @@ after restore.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, NamedTuple
 
@@ -55,7 +51,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax import lax
 
-logger = logging.getLogger("dalle_jax.checkpoint")
+logger = logging.getLogger(__name__)
 
 PyTree = Any
 STATE, DATA_ITERATOR, META, FINGERPRINTS = "state", "data_iterator", "meta", "fingerprints"
@@ -442,42 +438,3 @@ class PreemptionGuard:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
-
-
-# --------------------------------------------------------------------------------------------------
-# Config snapshot
-
-
-def write_config_once(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> epath.Path:
-    """Writes `run_dir/config.json` unless it exists; a resumed run with a different config gets a WARNING.
-
-    Only process 0 writes (atomically, via a rename); the others wait for it at a barrier.
-    """
-    run_dir = epath.Path(run_dir)
-    path = run_dir / "config.json"
-    text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
-    if ocp.multihost.is_primary_host(0):
-        if path.exists():
-            old = json.loads(path.read_text())
-            new = json.loads(text)
-            if old != new:
-                changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-                logger.warning("%s exists and differs from this run's config in %s; keeping the original",
-                               path, ", ".join(changed))
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = run_dir / f".config.json.tmp-{os.getpid()}"
-            tmp.write_text(text)
-            tmp.rename(path)
-    ocp.multihost.sync_global_processes("dalle_jax_write_config_once")
-    return path
-
-
-def find_model_dir(path: str | os.PathLike, stage: str, config_name: str, hint: str) -> Path:
-    """The directory holding `config_name`: `path` itself or its `stage/` subdirectory (a run directory).
-    FileNotFoundError names both places and `hint` (how to make one)."""
-    root = Path(path)
-    for candidate in (root, root / stage):
-        if (candidate / config_name).is_file():
-            return candidate
-    raise FileNotFoundError(f"no {config_name} in {root} or {root / stage}: {hint}")

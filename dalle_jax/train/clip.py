@@ -24,7 +24,6 @@ the ceiling at 0.942 in-distribution, 0.851 held-out, 0.909 overall (1k validati
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -34,36 +33,14 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dalle_jax import config as config_lib
 from dalle_jax import sharding
 from dalle_jax.config import ClipTrainConfig, Config
-from dalle_jax.data.pipeline import DatasetError, Pipeline, caption_text, device_batch, open_split
+from dalle_jax.data.pipeline import Pipeline, caption_text, device_batch, open_split
 from dalle_jax.data.tokenizer import TextTokenizer
+from dalle_jax.errors import ConfigError, DatasetError
 from dalle_jax.models.clip import CLIP, CLIPConfig, contrastive_loss
-from dalle_jax.train import loop
-
-DECAYED = frozenset({"wq", "wk", "wv", "wo", "w1", "w2", "patch_embed", "image_proj", "text_proj"})
-
-
-# ------------------------------------------------------------------------------------------------ optimizer
-
-def decay_mask(params: Any) -> Any:
-    """Weight decay on projection matrices only: not gains, biases, embeddings or the temperature (CLIP)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: str(getattr(path[-1], "key", "")) in DECAYED, params)
-
-
-def learning_rate_schedule(cfg: ClipTrainConfig) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
-                                              max(cfg.steps, cfg.warmup_steps + 1),
-                                              end_value=cfg.learning_rate * cfg.lr_end_fraction)
-
-
-def make_optimizer(cfg: ClipTrainConfig) -> optax.GradientTransformation:
-    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
-
+from dalle_jax.train import loop, optim
+from dalle_jax.train import stage as stage_lib
 
 # ------------------------------------------------------------------------------------------------ loss
 
@@ -78,10 +55,8 @@ def make_clip_step(cfg: ClipTrainConfig, model_cfg: CLIPConfig, optimizer: optax
     """The jitted, donated update of the shared loop for global batches {"image", "text"} sharded on batch."""
     batch_shape = {"image": (cfg.batch_size, model_cfg.image_size, model_cfg.image_size, 3),
                    "text": (cfg.batch_size, model_cfg.text_len)}
-    batch_sharding = {k: sharding.named_sharding(mesh, sharding.batch_axes(len(s)), rules, s, "batch")
-                      for k, s in batch_shape.items()}
-    return loop.make_train_step(clip_loss, optimizer, spec, mesh, rules, batch_sharding, cfg.ema_decay,
-                                cfg.ema_warmup)
+    return loop.make_train_step(clip_loss, optimizer, spec, mesh, rules,
+                                stage_lib.batch_shardings(batch_shape, mesh, rules), cfg.ema_decay, cfg.ema_warmup)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -113,7 +88,7 @@ def check_compatible(config: Config, tokenizer: TextTokenizer, dataset_dir: Path
                            f"image dataset (`dalle-jax data shapes` / `data folder`), not a token dataset")
     shape = np.asarray(example["image"]).shape
     if shape != (size, size, 3):
-        raise config_lib.ConfigError(f"dataset {dataset_dir} has {shape} images but the config expects "
+        raise ConfigError(f"dataset {dataset_dir} has {shape} images but the config expects "
                                      f"({size}, {size}, 3): pass --set data.image_size={shape[0]}")
 
 
@@ -144,7 +119,7 @@ def info_nce_numpy(image_emb: np.ndarray, text_emb: np.ndarray, logit_scale: flo
     return 0.5 * (ce_rows(logits) + ce_rows(logits.T))
 
 
-def make_eval(spec: loop.StateSpec, mesh, rules, source, tokenizer: TextTokenizer, cfg: ClipTrainConfig,
+def make_evaluator(spec: loop.StateSpec, mesh, rules, source, tokenizer: TextTokenizer, cfg: ClipTrainConfig,
               holdout: set[tuple[str, str]]):
     """Zero-shot retrieval among `retrieval_batch` validation pairs (see the module docstring)."""
     transform = pair_transform(tokenizer, training=False, holdout=holdout)
@@ -213,99 +188,32 @@ def model_config_for(config: Config, tokenizer: TextTokenizer, train_source: Any
 
 def train_clip(config: Config, dataset_dir: str | Path, tokenizer_path: str | Path, run_dir: str | Path, *,
                progress: bool = True) -> dict:
-    """Trains (or resumes) the reranker of `config` on an image dataset into `run_dir/clip`."""
+    """Trains (or resumes) the reranker of `config` on an image dataset into RUN/clip."""
     from dalle_jax.data.shapes import parse_holdout
-    from dalle_jax.images import plot_curves
 
-    run_dir, dataset_dir = Path(run_dir), Path(dataset_dir)
-    out = run_dir / "clip"
+    dataset_dir = Path(dataset_dir)
     cfg = config.clip_train
     if not Path(tokenizer_path).is_file():
         raise DatasetError(f"tokenizer {tokenizer_path} not found: train one with `dalle-jax tokenizer train "
                            f"--data {dataset_dir} --out {tokenizer_path}`")
     tokenizer = TextTokenizer.load(tokenizer_path)
     check_compatible(config, tokenizer, dataset_dir)
-    model_cfg = model_config_for(config, tokenizer, open_split(dataset_dir, "train"))
-    out.mkdir(parents=True, exist_ok=True)
-    config_lib.save_config(config, out / "config.json")
-    (out / "clip_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
-    tokenizer.save(out / "tokenizer.json")
-
-    mesh = sharding.make_mesh(config.mesh)
-    rules = config.mesh.rules
-    sharding.check_batch(cfg.batch_size, mesh, rules, jax.process_count())
-    sharding.check_batch(cfg.retrieval_batch, mesh, rules, jax.process_count())
+    train_source = open_split(dataset_dir, "train")
+    model_cfg = model_config_for(config, tokenizer, train_source)
     holdout = set(parse_holdout(config.data.holdout)) if config.data.dataset == "shapes" else set()
-    batches = Pipeline(open_split(dataset_dir, "train"), global_batch=cfg.batch_size, seed=cfg.seed,
-                       transform=pair_transform(tokenizer, training=cfg.bpe_dropout),
-                       read_threads=config.data.read_threads, prefetch=config.data.prefetch)
-    optimizer = make_optimizer(cfg)
-    state, spec = loop.init_state(lambda: CLIP(model_cfg, rngs=nnx.Rngs(cfg.seed)), optimizer, mesh, rules,
-                                  cfg.seed)
-    train_step = make_clip_step(cfg, model_cfg, optimizer, spec, mesh, rules)
-    evaluate = make_eval(spec, mesh, rules, open_split(dataset_dir, "validation"), tokenizer, cfg, holdout)
-    schedule = learning_rate_schedule(cfg)
 
-    runner = loop.Loop(out, steps=cfg.steps, save_every=cfg.save_every, log_every=cfg.log_every,
-                       eval_every=cfg.eval_every, keep=cfg.keep_checkpoints, name="clip")
-    result = runner.run(state, spec, train_step, batches, batch_size=cfg.batch_size, evaluate=evaluate,
-                        to_device=lambda b: device_batch({"image": b["image"], "text": b["text"]}, mesh, rules),
-                        extra_scalars=lambda step: {"lr": float(schedule(step))}, progress=progress)
-    if jax.process_index() == 0:
-        plot_curves(out / "loss_curve.png", out, ["loss", "eval/loss"], title="CLIP InfoNCE loss (nats)")
-        plot_curves(out / "retrieval_curve.png", out,
-                    ["eval/retrieval_top1_in_distribution", "eval/retrieval_top1_heldout",
-                     "eval/image_to_text_top1", "eval/retrieval_chance"],
-                    title=f"zero-shot retrieval top-1 among {cfg.retrieval_batch}")
-    return {"step": result["step"], "metrics": result["metrics"], "preempted": result["preempted"],
-            "run_dir": str(out)}
+    def make_eval(spec, mesh, rules):
+        return make_evaluator(spec, mesh, rules, open_split(dataset_dir, "validation"), tokenizer, cfg, holdout)
 
-
-# ------------------------------------------------------------------------------------------------ loading
-
-def find_clip_dir(run_or_clip_dir: str | Path) -> Path:
-    """The directory holding clip_config.json: the given one or its `clip/` (a run directory)."""
-    from dalle_jax.train.checkpoint import find_model_dir
-
-    return find_model_dir(run_or_clip_dir, "clip", "clip_config.json",
-                          "pass the --out of `dalle-jax train-clip` (or its clip/ directory)")
-
-
-def load_clip(run_or_clip_dir: str | Path, use_ema: bool | None = None) -> tuple[CLIP, TextTokenizer, Config]:
-    """The trained reranker (latest intact checkpoint), its tokenizer and the run's config.
-
-    `use_ema` defaults to the run's clip_train.eval_ema (the parameters its eval reported). The checkpoint is
-    restored into the abstract train state rebuilt from the saved configs (on one device), so its content
-    fingerprints are checked like a resume's.
-    """
-    directory = find_clip_dir(run_or_clip_dir)
-    config = config_lib.load_config(directory / "config.json")
-    saved = json.loads((directory / "clip_config.json").read_text())
-    model_cfg = CLIPConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-    tokenizer = TextTokenizer.load(directory / "tokenizer.json")
-    use_ema = config.clip_train.eval_ema if use_ema is None else use_ema
-    model = loop.load_trained(directory / "checkpoints", lambda: CLIP(model_cfg, rngs=nnx.Rngs(0)),
-                              make_optimizer(config.clip_train), use_ema=use_ema)
-    return model, tokenizer, config
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-CLIP_SUMMARY = ("loss", "eval/retrieval_top1", "eval/retrieval_top1_heldout", "eval/image_to_text_top1")
-
-
-def register_cli(subparsers: Any) -> None:
-    from dalle_jax.cli import add_trainer_parser, run_trainer
-
-    add_trainer_parser(
-        subparsers, "train-clip", help="train the CLIP-style reranker on images + captions",
-        description="Trains a small dual encoder (ViT image tower, transformer text tower over the run's BPE ids) "
-                    "with a symmetric InfoNCE loss and a learned temperature; the sampler uses it to rerank. "
-                    "Evaluates zero-shot caption -> image retrieval among clip_train.retrieval_batch validation "
-                    "pairs, in-distribution and on held-out shapes combinations. Checkpoints, metrics.jsonl, "
-                    "TensorBoard events, loss/retrieval curves go to OUT/clip; rerunning resumes.",
-        epilog="example: dalle-jax train-clip --data runs/data --tokenizer runs/tokenizer.json --out runs/demo "
-               "--preset demo",
-        data_help="image dataset (`dalle-jax data shapes` / `data folder`) or a dir above it",
-        out_help="run directory; the reranker goes to OUT/clip",
-        func=lambda args: run_trainer(args, train_clip, "clip", CLIP_SUMMARY))
+    schedule = optim.learning_rate_schedule(cfg)
+    stage = stage_lib.Stage(
+        name="clip", train=cfg, model_config=model_cfg, model_fn=lambda: CLIP(model_cfg, rngs=nnx.Rngs(cfg.seed)),
+        make_step=lambda optimizer, spec, mesh, rules: make_clip_step(cfg, model_cfg, optimizer, spec, mesh, rules),
+        train_source=train_source, transform=pair_transform(tokenizer, training=cfg.bpe_dropout),
+        device_keys=("image", "text"), make_eval=make_eval, tokenizer=tokenizer,
+        batch_checks=(cfg.retrieval_batch,), scalars=lambda step: {"lr": float(schedule(step))},
+        curves=(("loss_curve.png", ("loss", "eval/loss"), "CLIP InfoNCE loss (nats)"),
+                ("retrieval_curve.png", ("eval/retrieval_top1_in_distribution", "eval/retrieval_top1_heldout",
+                                         "eval/image_to_text_top1", "eval/retrieval_chance"),
+                 f"zero-shot retrieval top-1 among {cfg.retrieval_batch}")))
+    return stage_lib.run_stage(stage, config, run_dir, progress=progress)

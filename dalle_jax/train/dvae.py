@@ -8,9 +8,7 @@ with beta cosine-annealed 0 -> 6.6, tau cosine-annealed 1 -> 1/16, lr cosine 1e-
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import logging
 import math
 from pathlib import Path
@@ -19,18 +17,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dalle_jax import config as config_lib
-from dalle_jax import distributed, sharding
+from dalle_jax import distributed, runs
 from dalle_jax.config import Config, DVAETrainConfig
-from dalle_jax.data.pipeline import Pipeline, caption_text, dataset_dir_for, device_batch, open_split
+from dalle_jax.data.pipeline import caption_text, open_split
+from dalle_jax.errors import ConfigError
 from dalle_jax.models.dvae import DVAE, map_pixels, reconstruct
-from dalle_jax.train import loop
+from dalle_jax.train import loop, optim
+from dalle_jax.train import stage as stage_lib
 
-LOG = logging.getLogger("dalle_jax")
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ schedules
 
@@ -50,16 +48,6 @@ def temperature_at(step: jax.Array, cfg: DVAETrainConfig) -> jax.Array:
     else:  # linear, the ablation the paper reports diverging
         ramp = jnp.clip(step.astype(jnp.float32) / max(cfg.temperature_steps, 1), 0.0, 1.0)
     return cfg.temperature_start + (cfg.temperature_end - cfg.temperature_start) * ramp
-
-
-def learning_rate_schedule(cfg: DVAETrainConfig) -> optax.Schedule:
-    return optax.cosine_decay_schedule(cfg.learning_rate, cfg.lr_decay_steps,
-                                       alpha=cfg.learning_rate_end / cfg.learning_rate)
-
-
-def make_optimizer(cfg: DVAETrainConfig) -> optax.GradientTransformation:
-    return optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-                       weight_decay=cfg.weight_decay, mask=None if cfg.decay_biases else loop.decay_mask)
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -169,7 +157,7 @@ def with_code_revival(train_step: Any, spec: loop.StateSpec, mesh, cfg: DVAETrai
             key = jax.random.fold_in(jax.random.key(cfg.seed + 7), n)
             with jax.set_mesh(mesh):
                 state, revived = revive(state, batch["image"], key)
-            LOG.info("step %d: revived %d dead codes", n, int(revived))
+            log.info("step %d: revived %d dead codes", n, int(revived))
         return state, metrics
 
     return step
@@ -185,7 +173,7 @@ def codebook_usage(tokens: np.ndarray, vocab_size: int) -> dict[str, float]:
     return {"codebook_perplexity": float(np.exp(entropy)), "codebook_used": float((counts > 0).mean())}
 
 
-def make_eval(spec: loop.StateSpec, mesh, eval_images: np.ndarray, captions: list[str], run_dir: Path,
+def make_evaluator(spec: loop.StateSpec, mesh, eval_images: np.ndarray, captions: list[str], run_dir: Path,
               vocab_size: int, score_shapes: bool):
     """Eval hook: EMA model on a held validation batch -> codebook usage, reconstruction error, shapes-scorer
     accuracy of the reconstructions, and a PNG grid (original | reconstruction)."""
@@ -224,83 +212,39 @@ def make_eval(spec: loop.StateSpec, mesh, eval_images: np.ndarray, captions: lis
 # ------------------------------------------------------------------------------------------------ driver
 
 def train_dvae(config: Config, run_dir: str | Path, *, progress: bool = True) -> dict:
-    """Trains (or resumes) the dVAE of `config` into `run_dir/dvae`; returns the final metrics."""
-    run_dir = Path(run_dir)
-    out = run_dir / "dvae"
+    """Trains (or resumes) the dVAE of `config` into RUN/dvae; returns the final metrics."""
     cfg, model_cfg = config.dvae_train, config.dvae
     model_cfg.grid_size(config.data.image_size)  # fail early on an incompatible image size
     if cfg.revive_every and model_cfg.logits != "distance":
-        raise config_lib.ConfigError("dvae_train.revive_every needs dvae.logits=distance (code vectors to move); "
-                                     "set --set dvae.logits=distance or dvae_train.revive_every=0")
-    out.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():  # one writer: on a shared run directory the hosts would race on the same files
-        config_lib.save_config(config, out / "config.json")
-        (out / "dvae_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
-
-    mesh = sharding.make_mesh(config.mesh)
-    rules = config.mesh.rules
-    sharding.check_batch(cfg.batch_size, mesh, rules, jax.process_count())
-    dataset_dir = dataset_dir_for(config.data, run_dir)
-    source = open_split(dataset_dir, "train")
-    batches = Pipeline(source, global_batch=cfg.batch_size, seed=cfg.seed,
-                       transform=lambda example, rng: {"image": np.asarray(example["image"], np.uint8)},
-                       read_threads=config.data.read_threads, prefetch=config.data.prefetch)
-
-    optimizer = make_optimizer(cfg)
-    model_fn = lambda: DVAE(model_cfg, rngs=nnx.Rngs(cfg.seed))
-    state, spec = loop.init_state(model_fn, optimizer, mesh, rules, cfg.seed)
-    batch_shape = {"image": (cfg.batch_size, config.data.image_size, config.data.image_size, 3)}
-    batch_sharding = {k: sharding.named_sharding(mesh, sharding.batch_axes(len(s)), rules, s, "batch")
-                      for k, s in batch_shape.items()}
-    train_step = loop.make_train_step(lambda m, b, k, s: dvae_loss(m, b, k, s, cfg), optimizer, spec, mesh, rules,
-                                      batch_sharding, cfg.ema_decay, cfg.ema_warmup)
-    if cfg.revive_every:
-        train_step = with_code_revival(train_step, spec, mesh, cfg)
-
+        raise ConfigError("dvae_train.revive_every needs dvae.logits=distance (code vectors to move); "
+                          "set --set dvae.logits=distance or dvae_train.revive_every=0")
+    dataset_dir = runs.dataset_dir_for(config.data, run_dir)
     validation = open_split(dataset_dir, "validation")
     held = [validation[i] for i in range(min(cfg.num_eval_images, len(validation)))]
     held.sort(key=lambda e: int(e["id"]))
     eval_images = np.stack([e["image"] for e in held])
     captions = [caption_text(e["caption"]) for e in held]
-    evaluate = make_eval(spec, mesh, eval_images, captions, out, model_cfg.vocab_size,
-                         score_shapes=config.data.dataset == "shapes")
-    lr = learning_rate_schedule(cfg)
+    size = config.data.image_size
+
+    def make_step(optimizer, spec, mesh, rules):
+        shardings = stage_lib.batch_shardings({"image": (cfg.batch_size, size, size, 3)}, mesh, rules)
+        step = loop.make_train_step(lambda m, b, k, s: dvae_loss(m, b, k, s, cfg), optimizer, spec, mesh, rules,
+                                    shardings, cfg.ema_decay, cfg.ema_warmup)
+        return with_code_revival(step, spec, mesh, cfg) if cfg.revive_every else step
+
+    def make_eval(spec, mesh, rules):
+        return make_evaluator(spec, mesh, eval_images, captions, runs.stage_dir(run_dir, "dvae"),
+                              model_cfg.vocab_size, score_shapes=config.data.dataset == "shapes")
+
+    lr = optim.learning_rate_schedule(cfg)
 
     def schedules(step: int) -> dict:
         s = jnp.asarray(step)
         return {"tau": temperature_at(s, cfg), "beta": kl_weight_at(s, cfg), "lr": lr(s)}
 
-    runner = loop.Loop(out, steps=cfg.steps, save_every=cfg.save_every, log_every=cfg.log_every,
-                       eval_every=cfg.eval_every, keep=cfg.keep_checkpoints, name="dvae")
-    result = runner.run(state, spec, train_step, batches, batch_size=cfg.batch_size, evaluate=evaluate,
-                        to_device=lambda b: device_batch({"image": b["image"]}, mesh, rules),
-                        extra_scalars=schedules, progress=progress)
-    return {"step": result["step"], "metrics": result["metrics"], "preempted": result["preempted"],
-            "run_dir": str(out)}
-
-
-def register_cli(subparsers: Any) -> None:
-    from dalle_jax.cli import add_config_args
-
-    parser = subparsers.add_parser(
-        "train-dvae", help="train the discrete VAE (stage 1)",
-        description="Trains the dVAE with the paper's recipe (Gumbel-softmax relaxation, KL to a uniform prior "
-                    "with beta cosine-annealed to 6.6, tau annealed 1 -> 1/16, logit-Laplace likelihood, AdamW, "
-                    "EMA) into RUN/dvae: checkpoints, metrics.jsonl, TensorBoard events, reconstruction grids. "
-                    "Rerunning the same command resumes from the latest checkpoint; SIGTERM/Ctrl-C saves first.",
-        epilog="examples:\n  dalle-jax train-dvae --run runs/demo --preset demo\n"
-               "  dalle-jax train-dvae --run runs/quick --preset quick --set dvae_train.steps=50\n"
-               "  dalle-jax train-dvae --run runs/mine --set data.dataset=folder --set data.data_dir=DIR",
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="run directory (created; reused to resume)")
-    add_config_args(parser)
-    parser.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    config = config_lib.resolve(args.preset, args.set)
-    summary = train_dvae(config, args.run)
-    metrics = summary["metrics"]
-    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-    print(f"dvae: step {summary['step']} -> {summary['run_dir']}  {shown}")
-    return 0
+    stage = stage_lib.Stage(
+        name="dvae", train=cfg, model_config=model_cfg, model_fn=lambda: DVAE(model_cfg, rngs=nnx.Rngs(cfg.seed)),
+        make_step=make_step, train_source=open_split(dataset_dir, "train"),
+        transform=lambda example, rng: {"image": np.asarray(example["image"], np.uint8)}, device_keys=("image",),
+        make_eval=make_eval, scalars=schedules)
+    return stage_lib.run_stage(stage, config, run_dir, progress=progress)

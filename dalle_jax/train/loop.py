@@ -33,15 +33,10 @@ from dalle_jax.models.init import build_pooled
 from dalle_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from dalle_jax.train.metrics import MetricWriter
 
-log = logging.getLogger("dalle_jax.train")
+log = logging.getLogger(__name__)
 
 # loss_fn(model, batch, key, step) -> (scalar loss, dict of scalar metrics)
 LossFn = Callable[[nnx.Module, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
-
-
-def decay_mask(params: Any) -> Any:
-    """AdamW decays weight matrices and kernels, not biases or gains (the paper is silent; common practice)."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: bool = True) -> jax.Array:
@@ -211,7 +206,8 @@ def merged_model(spec: StateSpec, params: Any) -> nnx.Module:
 class Loop:
     """Runs `steps` updates with checkpoints every `save_every`, logs every `log_every`, evals every `eval_every`."""
 
-    run_dir: Path
+    run_dir: Path  # metrics.jsonl and TensorBoard events
+    checkpoint_dir: Path
     steps: int
     save_every: int
     log_every: int
@@ -231,7 +227,7 @@ class Loop:
         """
         from tqdm.auto import tqdm
 
-        checkpoints = Checkpointer(self.run_dir / "checkpoints", save_every=self.save_every, keep=self.keep)
+        checkpoints = Checkpointer(self.checkpoint_dir, save_every=self.save_every, keep=self.keep)
         writer = MetricWriter(self.run_dir)
         restored = checkpoints.restore_latest(spec.abstract)
         start = 0
@@ -239,7 +235,7 @@ class Loop:
             state, start = restored.state, int(restored.step)
             if restored.data_iterator:
                 batches.set_state(restored.data_iterator)
-            log.info("%s: resumed from step %d (%s)", self.name, start, self.run_dir / "checkpoints")
+            log.info("%s: resumed from step %d (%s)", self.name, start, self.checkpoint_dir)
         bar = tqdm(total=self.steps, initial=start, desc=self.name, disable=not progress or jax.process_index() != 0,
                    dynamic_ncols=True)
         last_metrics: dict = {}

@@ -8,13 +8,10 @@ global-norm clipping 4, linear warm-up then halving on plateaus (or cosine), par
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,51 +20,14 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dalle_jax import config as config_lib
-from dalle_jax import distributed, sharding
+from dalle_jax import sharding
 from dalle_jax.config import Config, PriorTrainConfig
-from dalle_jax.data.pipeline import DatasetError, Pipeline, caption_text, device_batch, open_split
+from dalle_jax.data.pipeline import Pipeline, caption_text, device_batch, open_split
 from dalle_jax.data.tokenizer import TextTokenizer
-from dalle_jax.models.transformer import Prior, PriorConfig
-from dalle_jax.train import loop
-
-log = logging.getLogger("dalle_jax.prior")
-DECAYED = frozenset({"wq", "wk", "wv", "wo", "w1", "w2", "text_head", "image_head"})
-
-
-# ------------------------------------------------------------------------------------------------ optimizer
-
-def decay_mask(params: Any) -> Any:
-    """Weight decay on the projection matrices and heads; not on gains, biases or embeddings (paper)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: str(getattr(path[-1], "key", "")) in DECAYED, params)
-
-
-def learning_rate_schedule(cfg: PriorTrainConfig) -> optax.Schedule:
-    """Linear warm-up from 0, then cosine decay or constant (the plateau halving is applied on top)."""
-    if cfg.lr_schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
-                                                  max(cfg.steps, cfg.warmup_steps + 1),
-                                                  end_value=cfg.learning_rate * cfg.lr_end_fraction)
-    warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
-    return optax.join_schedules([warmup, optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
-
-
-def make_optimizer(cfg: PriorTrainConfig) -> optax.GradientTransformation:
-    parts = [optax.clip_by_global_norm(cfg.clip_norm),
-             optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-                         weight_decay=cfg.weight_decay, mask=decay_mask)]
-    if cfg.lr_schedule == "plateau":
-        # Halve when the mean training loss over a window of steps has not improved for `patience` windows.
-        parts.append(optax.contrib.reduce_on_plateau(factor=0.5, patience=cfg.plateau_patience,
-                                                     accumulation_size=cfg.plateau_window))
-    return optax.chain(*parts)
-
-
-def plateau_scale(opt_state: Any) -> jax.Array:
-    """The multiplier reduce_on_plateau currently applies (1.0 without it)."""
-    last = opt_state[-1]
-    return getattr(last, "scale", jnp.ones((), jnp.float32))
-
+from dalle_jax.errors import ConfigError, DatasetError
+from dalle_jax.models.prior import Prior, PriorConfig
+from dalle_jax.train import loop, optim
+from dalle_jax.train import stage as stage_lib
 
 # ------------------------------------------------------------------------------------------------ loss
 
@@ -134,11 +94,11 @@ def check_compatible(config: Config, tokenizer: TextTokenizer, token_dir: Path) 
     example = open_split(token_dir, "train")[0]
     grid = np.asarray(example["tokens"]).shape
     if grid != (p.grid_size, p.grid_size):
-        raise config_lib.ConfigError(f"token dataset {token_dir} has {grid} grids but the config's prior expects "
+        raise ConfigError(f"token dataset {token_dir} has {grid} grids but the config's prior expects "
                                      f"{p.grid_size}x{p.grid_size} (data.image_size / dVAE downsampling)")
     spec = _token_spec(token_dir)
     if spec and spec.get("vocab_size") != p.image_vocab_size:
-        raise config_lib.ConfigError(f"token dataset {token_dir} was encoded with a {spec.get('vocab_size')}-code "
+        raise ConfigError(f"token dataset {token_dir} was encoded with a {spec.get('vocab_size')}-code "
                                      f"dVAE but dvae.vocab_size is {p.image_vocab_size}")
 
 
@@ -150,7 +110,7 @@ def _token_spec(token_dir: Path) -> dict | None:
 
 # ------------------------------------------------------------------------------------------------ eval
 
-def make_eval(spec: loop.StateSpec, mesh, rules, source, tokenizer: TextTokenizer, cfg: PriorTrainConfig,
+def make_evaluator(spec: loop.StateSpec, mesh, rules, source, tokenizer: TextTokenizer, cfg: PriorTrainConfig,
               text_vocab: int, holdout: set[tuple[str, str]]):
     """Validation loss of the EMA parameters, in-distribution and on held-out combinations separately."""
     transform = token_transform(tokenizer, training=False)
@@ -205,81 +165,42 @@ def spec_vocab(spec: loop.StateSpec) -> int:
 
 def train_prior(config: Config, token_dir: str | Path, tokenizer_path: str | Path, run_dir: str | Path, *,
                 progress: bool = True) -> dict:
-    """Trains (or resumes) the prior of `config` on a token dataset into `run_dir/prior`."""
+    """Trains (or resumes) the prior of `config` on a token dataset into RUN/prior."""
     from dalle_jax.data.shapes import parse_holdout
-    from dalle_jax.images import plot_curves
 
-    run_dir, token_dir = Path(run_dir), Path(token_dir)
-    out = run_dir / "prior"
+    token_dir = Path(token_dir)
     cfg, model_cfg = config.prior_train, config.prior
     if not Path(tokenizer_path).is_file():
         raise DatasetError(f"tokenizer {tokenizer_path} not found: train one with `dalle-jax tokenizer train "
                            f"--data <image dataset> --out {tokenizer_path}`")
     tokenizer = TextTokenizer.load(tokenizer_path)
     check_compatible(config, tokenizer, token_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():  # one writer: on a shared run directory the hosts would race on the same files
-        config_lib.save_config(config, out / "config.json")
-        (out / "prior_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
-        tokenizer.save(out / "tokenizer.json")
-
-    mesh = sharding.make_mesh(config.mesh)
-    rules = config.mesh.rules
-    sharding.check_batch(cfg.batch_size // cfg.microbatches, mesh, rules, jax.process_count())
-    batches = Pipeline(open_split(token_dir, "train"), global_batch=cfg.batch_size, seed=cfg.seed,
-                       transform=token_transform(tokenizer, True, cfg.caption_dropout),
-                       read_threads=config.data.read_threads, prefetch=config.data.prefetch)
-    optimizer = make_optimizer(cfg)
-    state, spec = loop.init_state(lambda: Prior(model_cfg, rngs=nnx.Rngs(cfg.seed)), optimizer, mesh, rules,
-                                  cfg.seed)
-    train_step = make_prior_step(cfg, model_cfg, optimizer, spec, mesh, rules, tokenizer.vocab_size)
     holdout = set(parse_holdout(config.data.holdout)) if config.data.dataset == "shapes" else set()
-    evaluate = make_eval(spec, mesh, rules, open_split(token_dir, "validation"), tokenizer, cfg,
-                         tokenizer.vocab_size, holdout)
-    tokens_per_example = model_cfg.seq_len
+    text_vocab = tokenizer.vocab_size
 
-    def scalars(step: int) -> dict:
-        return {"lr_schedule": float(learning_rate_schedule(cfg)(step))}
+    def make_eval(spec, mesh, rules):
+        return make_evaluator(spec, mesh, rules, open_split(token_dir, "validation"), tokenizer, cfg, text_vocab,
+                              holdout)
 
-    runner = loop.Loop(out, steps=cfg.steps, save_every=cfg.save_every, log_every=cfg.log_every,
-                       eval_every=cfg.eval_every, keep=cfg.keep_checkpoints, name="prior")
-    result = runner.run(state, spec, train_step, batches, batch_size=cfg.batch_size, evaluate=evaluate,
-                        to_device=lambda b: device_batch({"text": b["text"], "image_tokens": b["image_tokens"]},
-                                                         mesh, rules),
-                        extra_scalars=scalars, progress=progress, tokens_per_example=tokens_per_example)
-    if distributed.is_main():
-        plot_curves(out / "loss_curve.png", out,
-                    ["image_loss", "eval/image_loss", "eval/image_loss_heldout", "eval/uniform_image_loss"],
-                    title="prior image-token loss (nats)")
-    return {"step": result["step"], "metrics": result["metrics"], "preempted": result["preempted"],
-            "run_dir": str(out)}
+    schedule = optim.learning_rate_schedule(cfg)
+    stage = stage_lib.Stage(
+        name="prior", train=cfg, model_config=model_cfg, model_fn=lambda: Prior(model_cfg, rngs=nnx.Rngs(cfg.seed)),
+        make_step=lambda optimizer, spec, mesh, rules: make_prior_step(cfg, model_cfg, optimizer, spec, mesh, rules,
+                                                                       text_vocab),
+        train_source=open_split(token_dir, "train"),
+        transform=token_transform(tokenizer, True, cfg.caption_dropout), device_keys=("text", "image_tokens"),
+        make_eval=make_eval, tokenizer=tokenizer, scalars=lambda step: {"lr_schedule": float(schedule(step))},
+        tokens_per_example=model_cfg.seq_len,
+        curves=(("loss_curve.png", ("image_loss", "eval/image_loss", "eval/image_loss_heldout",
+                                    "eval/uniform_image_loss"), "prior image-token loss (nats)"),))
+    return stage_lib.run_stage(stage, config, run_dir, progress=progress)
 
 
 def make_prior_step(cfg: PriorTrainConfig, model_cfg: PriorConfig, optimizer, spec, mesh, rules, text_vocab: int):
     batch_shape = {"text": (cfg.batch_size, model_cfg.text_len), "image_tokens": (cfg.batch_size, model_cfg.image_len)}
-    batch_sharding = {k: sharding.named_sharding(mesh, sharding.batch_axes(len(s)), rules, s, "batch")
-                      for k, s in batch_shape.items()}
     return loop.make_train_step(
-        lambda m, b, k, s: prior_loss(m, b, k, s, cfg, text_vocab), optimizer, spec, mesh, rules, batch_sharding,
+        lambda m, b, k, s: prior_loss(m, b, k, s, cfg, text_vocab), optimizer, spec, mesh, rules,
+        stage_lib.batch_shardings(batch_shape, mesh, rules),
         cfg.ema_decay, cfg.ema_warmup, microbatches=cfg.microbatches,
         prepare=lambda b: count_tokens(b, text_vocab),
-        state_metrics=lambda state: {"lr_scale": plateau_scale(state["opt_state"])})
-
-
-PRIOR_SUMMARY = ("loss", "eval/image_loss", "eval/image_loss_heldout", "eval/text_loss")  # printed at the end
-
-
-def register_cli(subparsers: Any) -> None:
-    from dalle_jax.cli import add_trainer_parser, run_trainer
-
-    add_trainer_parser(
-        subparsers, "train-prior", help="train the transformer prior (stage 2)",
-        description="Trains the sparse transformer on [caption BPE ids | dVAE image tokens] with the paper's "
-                    "recipe (weighted CE 1/8 text, 7/8 image; AdamW 0.9/0.96, wd 4.5e-2; clip 4; warm-up then "
-                    "lr halving on plateaus; EMA 0.99). Checkpoints, metrics.jsonl, TensorBoard events and "
-                    "loss_curve.png go to OUT/prior; rerunning resumes from the last checkpoint.",
-        epilog="example: dalle-jax train-prior --data runs/demo/tokens --tokenizer runs/demo/tokenizer.json "
-               "--preset demo --out runs/demo",
-        data_help="token dataset written by `dalle-jax encode` (or a dir above it)",
-        out_help="run directory; the prior goes to OUT/prior",
-        func=lambda args: run_trainer(args, train_prior, "prior", PRIOR_SUMMARY))
+        state_metrics=lambda state: {"lr_scale": optim.plateau_scale(state["opt_state"])})

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from dalle_jax import sharding
 from dalle_jax.errors import ConfigError
-from dalle_jax.models.transformer import Prior, PriorConfig
+from dalle_jax.models.prior import Prior, PriorConfig
 
 CACHE_AXES = ("layers", "batch", "length", "heads", "kv")  # k, v: (layers, B, L, heads, head_dim)
 NEG_INF = -jnp.inf
@@ -153,6 +153,32 @@ def _constrain_cache(cache: dict) -> dict:
     return {name: sharding.constrain(value, CACHE_AXES) for name, value in cache.items()}
 
 
+def cache_shape(config: PriorConfig, batch: int) -> tuple[int, ...]:
+    """Shape of the KV cache's k and v: (layers, batch, seq_len, heads, head_dim), axes `CACHE_AXES`."""
+    return (config.n_layers, batch, config.seq_len, config.n_heads, config.head_dim)
+
+
+def prefill(model: Prior, cache: dict, text: jax.Array, image: jax.Array) -> tuple[jax.Array, dict]:
+    """The sampler's prefill pass: [start | text | image[:, :-1]] at positions 0.. into an empty cache.
+
+    text (B, T) ids; image (B, P + 1) holds a prefix of P image tokens and one more slot (never read: the
+    forward's inputs are shifted by one). Returns the hidden states (B, T + 1 + P, d) and the filled cache; the
+    last position predicts image token P. `dalle-jax aot` compiles this same function.
+    """
+    h, cache = model.forward(Prior.input_tokens(text, image), 0, cache)
+    return h, _constrain_cache(cache)
+
+
+def decode_step(model: Prior, cache: dict, token: jax.Array, position: jax.Array | int) -> tuple[jax.Array, dict]:
+    """One cached decode step: `token` (B,) fed at `position` -> its hidden state (B, 1, d) and the cache.
+
+    Feeding image token j - 1 at position T + j gives the logits of token j. `dalle-jax aot` compiles this same
+    function.
+    """
+    h, cache = model.forward(token[:, None], position, cache)
+    return h, _constrain_cache(cache)
+
+
 def _decode_cached(model: Prior, cache: dict, text: jax.Array, pad_ids: jax.Array, image: jax.Array,
                    prefix_len: int, scale: jax.Array, guided: bool, choose: Choose, collect: bool
                    ) -> tuple[jax.Array, dict, jax.Array | None]:
@@ -168,17 +194,15 @@ def _decode_cached(model: Prior, cache: dict, text: jax.Array, pad_ids: jax.Arra
         logits = model.image_logits(h).astype(jnp.float32)
         return guide(logits, batch, scale) if guided else logits
 
-    prefill = Prior.input_tokens(_branches(text, pad_ids, guided), _tile(image[:, : prefix_len + 1], guided))
-    h, cache = model.forward(prefill, 0, cache)  # (B', T + 1 + P, d): positions 0..T+P
-    cache = _constrain_cache(cache)
+    h, cache = prefill(model, cache, _branches(text, pad_ids, guided),
+                       _tile(image[:, : prefix_len + 1], guided))  # (B', T + 1 + P, d): positions 0..T+P
     first = logits_of(h[:, t:] if collect else h[:, -1:])  # (B, P + 1 | 1, V); the last predicts token P
     token = choose(first[:, -1], jnp.asarray(prefix_len, jnp.int32), image)  # (B,)
     image = image.at[:, prefix_len].set(token)
 
     def step(carry, j):
         cache, image, token = carry
-        h, cache = model.forward(_tile(token[:, None], guided), t + j, cache)  # token j-1 at position T+j
-        cache = _constrain_cache(cache)
+        h, cache = decode_step(model, cache, _tile(token, guided), t + j)  # token j-1 at position T+j
         logits = logits_of(h)[:, 0]  # (B, V): image token j
         token = choose(logits, j, image)
         image = jax.lax.dynamic_update_slice(image, token[:, None], (0, j))
@@ -377,7 +401,7 @@ class _Placement:
         return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
     def cache(self, config: PriorConfig, batch: int, dtype: Any) -> dict:
-        shape = (config.n_layers, batch, config.seq_len, config.n_heads, config.head_dim)
+        shape = cache_shape(config, batch)
         if self.mesh is None:
             return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
         where = sharding.named_sharding(self.mesh, CACHE_AXES, self.rules, shape, what="KV cache")

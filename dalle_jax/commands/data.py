@@ -1,0 +1,166 @@
+"""`dalle-jax data shapes | folder | show`: build a dataset (the built-in shapes or your own folder), or draw one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dalle_jax import runs
+from dalle_jax.data import folder
+from dalle_jax.data.shapes import SPLITS, TEMPLATES, ShapesSpec, build_shapes, parse_holdout
+
+SHAPES_EPILOG = """\
+The `dataset:` directory printed at the end is what `tfds.builder_from_directory` (and the training configs' data
+path) accept. Rebuilding with the same options reuses the existing files.
+
+example:
+  dalle-jax data shapes --out ~/data --num 20000 --image-size 64 --holdout "red triangle,blue circle"
+"""
+
+
+def register(stages: argparse._SubParsersAction) -> None:
+    data = stages.add_parser("data", help="build or look at datasets",
+                             description="Build TFDS datasets (array_record, no TensorFlow) or draw them.")
+    commands = data.add_subparsers(dest="data_command", metavar="<command>")
+    register_shapes(commands)
+    register_folder(commands)
+    register_show(commands)
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+def register_shapes(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "shapes",
+        help="build the built-in captioned-shapes dataset (TFDS array_record)",
+        description=(
+            "Render the captioned-shapes dataset (one or two coloured shapes on white, with captions such as "
+            "'a small red circle in the top left' or 'a blue square above an orange cross') and write it as a "
+            "TFDS array_record dataset with train/validation/test splits under --out. Held-out colour/shape "
+            "pairs never appear in train but do in validation and test."
+        ),
+        epilog=SHAPES_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = ShapesSpec()
+    parser.add_argument("--out", required=True, help="TFDS data directory to write into")
+    parser.add_argument("--num", type=int, default=defaults.num_train, help="train examples (%(default)s)")
+    parser.add_argument("--num-validation", type=int, default=defaults.num_validation,
+                        help="validation examples (%(default)s)")
+    parser.add_argument("--num-test", type=int, default=defaults.num_test, help="test examples (%(default)s)")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size,
+                        help="image side in pixels, >= 16 (%(default)s)")
+    parser.add_argument("--holdout", default=",".join(f"{c} {s}" for c, s in defaults.holdout),
+                        help="comma-separated '<colour> <shape>' pairs kept out of train, or 'none' "
+                             "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="example i of a split depends only on it (%(default)s)")
+    parser.add_argument("--template-weights", default=",".join(str(w) for w in defaults.template_weights),
+                        help=f"weights of the caption templates {', '.join(TEMPLATES)} (default: %(default)s)")
+    parser.add_argument("--grid", type=int, default=defaults.grid,
+                        help="object corners snap to multiples of this many pixels; set it to the dVAE's "
+                             "downsampling factor for one token pattern per object (default: %(default)s = any "
+                             "pixel)")
+    parser.set_defaults(func=_shapes)
+
+
+def _shapes(args: argparse.Namespace) -> int:
+    import tensorflow_datasets as tfds
+
+    try:
+        spec = ShapesSpec(
+            image_size=args.image_size,
+            num_train=args.num,
+            num_validation=args.num_validation,
+            num_test=args.num_test,
+            holdout=parse_holdout(args.holdout),
+            seed=args.seed,
+            template_weights=tuple(float(w) for w in args.template_weights.split(",")),
+            grid=args.grid,
+        )
+    except ValueError as error:
+        print(f"error: {error}")
+        return 2
+    path = build_shapes(args.out, spec)
+    info = tfds.builder_from_directory(path).info
+    print(f"dataset: {path}")
+    for split in SPLITS:
+        if split in info.splits:
+            print(f"  {split}: {info.splits[split].num_examples} examples")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ folder
+
+def register_folder(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "folder",
+        help="turn a folder of captioned images into a TFDS dataset",
+        description=(
+            "Turn a folder of images with captions into a TFDS dataset (array_record): SxS RGB uint8\n"
+            "images, captions, ids and source paths, split into train/validation by a stable hash of each\n"
+            "path. Captions come from name.txt beside name.jpg, or from --manifest. Images are converted\n"
+            "to RGB, short side resized to S (LANCZOS), centre cropped. Unusable files are skipped and\n"
+            "listed with the reason; the full list goes to build_report.json in the dataset directory\n"
+            "OUT/captioned_folder/<config>/1.0.0, which the command prints."
+        ),
+        epilog=(
+            "examples:\n"
+            "  dalle-jax data folder ~/photos --out ~/tensorflow_datasets --image-size 64\n"
+            "  dalle-jax data folder ~/photos --out data --manifest ~/photos/captions.jsonl\n"
+            "\nmanifest formats (paths relative to the manifest's folder, or absolute):\n"
+            '  JSONL: {"path": "cats/1.jpg", "caption": "a cat on a mat"}\n'
+            "  TSV:   cats/1.jpg<TAB>a cat on a mat"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", metavar="SRC", help="folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="TFDS data dir to write into")
+    parser.add_argument("--image-size", type=int, default=64, metavar="S", help="output side (default 64)")
+    parser.add_argument("--manifest", metavar="FILE", help="JSONL or TSV captions file instead of name.txt sidecars")
+    parser.add_argument("--validation-fraction", type=float, default=0.05, metavar="F",
+                        help="held-out share (default 0.05)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="salt of the split hash (default 0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rebuild if this folder was built before with other files")
+    parser.set_defaults(func=_folder)
+
+
+def _folder(args: argparse.Namespace) -> int:
+    try:
+        spec = folder.FolderSpec(args.source, args.image_size, args.manifest, args.validation_fraction, args.seed)
+        folder.build_folder(args.out, spec, overwrite=args.overwrite, verbose=True)
+    except (FileNotFoundError, NotADirectoryError, FileExistsError, folder.FolderInputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ show
+
+def register_show(subparsers: argparse._SubParsersAction) -> None:
+    show = subparsers.add_parser(
+        "show", help="draw a split as a PNG grid with captions",
+        description="Draws the first N examples of a split (in id order) with their captions into a PNG.",
+        epilog="example: dalle-jax data show runs/data --split validation --num 32 --out runs/shapes.png")
+    show.add_argument("dataset", help="dataset version dir, or a directory holding exactly one dataset")
+    show.add_argument("--split", default="train")
+    show.add_argument("--num", type=int, default=32, help="examples to draw (default 32)")
+    show.add_argument("--columns", type=int, default=8)
+    show.add_argument("--scale", type=int, default=2, help="pixel upscaling for readability (default 2)")
+    show.add_argument("--out", required=True, help="PNG file to write")
+    show.set_defaults(func=_show)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from dalle_jax.data.pipeline import caption_text, open_split
+    from dalle_jax.images import save_grid
+
+    source = open_split(runs.find_dataset_dir(args.dataset), args.split)
+    count = min(args.num, len(source))
+    examples = [source[i] for i in range(count)]
+    examples.sort(key=lambda e: int(e["id"]))
+    captions = [caption_text(e["caption"]) for e in examples]
+    out = save_grid(args.out, [e["image"] for e in examples], captions, columns=args.columns, scale=args.scale)
+    print(f"wrote {out} ({count} of {len(source)} {args.split} examples)")
+    return 0

@@ -1,0 +1,143 @@
+"""The demo's stage runner: every stage into one run directory, each skipped when done and resumed when
+interrupted; `dalle-jax demo` calls `Demo.run_all`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dalle_jax import config as config_lib
+from dalle_jax import runs
+from dalle_jax.config import Config
+from dalle_jax.demo.report import write_report
+
+log = logging.getLogger(__name__)
+STAGES = ("data", "tokenizer", "dvae", "encode", "prior", "clip", "evaluate")
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+@dataclasses.dataclass
+class Demo:
+    config: Config
+    run: Path
+    seed: int
+    progress: bool = True
+    num_samples: int = 16
+    prompts_per_set: int = 32
+
+    @property
+    def state_file(self) -> Path:
+        return self.run / runs.STAGES_FILE
+
+    def done(self) -> dict[str, Any]:
+        return json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+
+    def stage(self, name: str, fn: Callable[[], dict]) -> dict:
+        """Runs `fn` unless the stage finished before; records its summary and wall time."""
+        done = self.done()
+        if name in done:
+            log.info("demo: %-9s done before (%.0f s) — skipped", name, done[name]["wall_s"])
+            return done[name]
+        start = time.perf_counter()
+        summary = fn()
+        if summary.get("preempted"):
+            raise SystemExit(f"demo: {name} was stopped; rerun the same command to resume it")
+        summary = {**summary, "wall_s": time.perf_counter() - start}
+        done = self.done()
+        done[name] = summary
+        self.state_file.write_text(json.dumps(done, indent=2, default=float) + "\n")
+        shown = {k: round(v, 4) for k, v in summary.items() if isinstance(v, float)}
+        log.info("demo: %-9s %s", name, shown)
+        return summary
+
+    # ---- the stages
+
+    def data(self) -> dict:
+        from dalle_jax.data.pipeline import shapes_spec
+        from dalle_jax.data.shapes import build_shapes
+
+        spec = shapes_spec(self.config.data)
+        return {"dataset_dir": build_shapes(str(runs.data_dir(self.run)), spec), "num_train": spec.num_train}
+
+    def tokenizer(self) -> dict:
+        from dalle_jax.data.tokenizer import TextTokenizer, captions_from_dataset
+
+        t = self.config.text
+        captions = captions_from_dataset(self.dataset_dir, "train")
+        tokenizer = TextTokenizer.train(captions, vocab_size=t.vocab_size, text_len=t.text_len,
+                                        pad_mode=t.pad_mode, dropout=t.bpe_dropout)
+        tokenizer.save(runs.tokenizer_path(self.run))
+        lengths = [len(ids) for ids in tokenizer.encode_unpadded(captions[:2000])]
+        return {"vocab_size": tokenizer.vocab_size, "max_caption_tokens": max(lengths)}
+
+    def dvae(self) -> dict:
+        from dalle_jax.train.dvae import train_dvae
+
+        result = train_dvae(self.config, self.run, progress=self.progress)
+        return {**_floats(result["metrics"]), "step": result["step"], "preempted": result["preempted"]}
+
+    def encode(self) -> dict:
+        from dalle_jax.encode import encode_dataset
+
+        tokens = encode_dataset(runs.stage_dir(self.run, "dvae"), self.dataset_dir, runs.tokens_dir(self.run),
+                                progress=self.progress)
+        return {"token_dir": str(tokens)}
+
+    def prior(self) -> dict:
+        from dalle_jax.train.prior import train_prior
+
+        result = train_prior(self.config, self.done()["encode"]["token_dir"], runs.tokenizer_path(self.run),
+                             self.run, progress=self.progress)
+        return {**_floats(result["metrics"]), "step": result["step"], "preempted": result["preempted"]}
+
+    def clip(self) -> dict:
+        from dalle_jax.train.clip import train_clip
+
+        result = train_clip(self.config, self.dataset_dir, runs.tokenizer_path(self.run), self.run,
+                            progress=self.progress)
+        return {**_floats(result["metrics"]), "step": result["step"], "preempted": result["preempted"]}
+
+    def evaluate(self) -> dict:
+        from dalle_jax.demo.evaluate import SCORE_KEY, accuracy_table, image_to_image, prompt_sets, save_sample_grid
+        from dalle_jax.sampling.rerank import load_run, sample_and_rerank
+
+        run = load_run(self.run)
+        sets = prompt_sets(self.config, self.prompts_per_set, self.seed)
+        results: dict[str, Any] = {}
+        for name, prompts in sets.items():
+            kept = sample_and_rerank(run, prompts, num_samples=self.num_samples, top=self.num_samples,
+                            seed=self.seed, batch_size=64, progress=self.progress)
+            results[name] = accuracy_table(prompts, kept, SCORE_KEY)
+            save_sample_grid(self.run / f"samples_{name}.png", prompts, kept, columns=min(8, self.num_samples))
+        image_to_image(run, self.config, self.dataset_dir, self.run / "image_to_image.png", self.seed)
+        return {"accuracy": results, "num_samples": self.num_samples}
+
+    @property
+    def dataset_dir(self) -> str:
+        return self.done()["data"]["dataset_dir"]
+
+    def run_all(self) -> dict:
+        self.run.mkdir(parents=True, exist_ok=True)
+        config_lib.save_config(self.config, self.run / runs.CONFIG)
+        for name in STAGES:
+            self.stage(name, getattr(self, name))
+        report = write_report(self.run, self.done(), self.config, STAGES)
+        return report
+
+
+def _floats(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def demo_config(quick: bool, holdout: str | None, seed: int, overrides: list[str]) -> Config:
+    """The demo (or quick) preset with every training stage seeded by `seed` and the held-out pairs set."""
+    sets = [f"{section}.seed={seed}" for section in ("dvae_train", "prior_train", "clip_train")]
+    if holdout:
+        sets.append(f"data.holdout={holdout}")
+    return config_lib.resolve("quick" if quick else "demo", sets + list(overrides))

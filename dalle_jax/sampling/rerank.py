@@ -1,0 +1,239 @@
+"""Captions (optionally plus the top rows of an image) -> reranked PNGs; what `dalle-jax sample` runs.
+
+For each prompt: draw N candidate token grids from the prior (`dalle_jax.sampling.sampler`), decode them with the dVAE,
+score every candidate against the caption with the CLIP reranker and keep the best K (the paper draws 512 and
+keeps the top 32 by CLIP score). Output layout, exactly:
+
+    OUT/{p:04d}_{r:02d}.png   prompt index p (0-based, input order), rank r (0 = best)
+    OUT/samples.jsonl         one line per kept image: prompt_index, prompt, rank, file, clip_score, seed
+    OUT/grid.png              one row per prompt, captions written on it
+
+Randomness: candidate i of prompt p is sample `p * N + i` of the sampler's per-sample key stream for `seed`, so
+the same (seed, prompts, N) gives the same images whatever `--batch-size` or `--mesh` is.
+
+`--mesh D,F,T` samples on a (data, fsdp, tensor) device mesh, e.g. all chips of a TPU VM: the prior's parameters
+are sharded by the default logical rules (FSDP over "fsdp", heads over "tensor") and each sampler batch is split
+over data x fsdp (padded to a multiple of it). Decoding and reranking stay on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dalle_jax import runs, sharding
+from dalle_jax.data.tokenizer import CaptionTruncatedWarning, TextTokenizer
+from dalle_jax.errors import InputError
+from dalle_jax.models.dvae import DVAE
+from dalle_jax.models.prior import Prior
+from dalle_jax.sampling.sampler import SampleConfig, sample_tokens
+
+log = logging.getLogger(__name__)
+
+
+class SampleInputError(InputError):
+    """A prompt, image or checkpoint that cannot be used; the message names it and the fix."""
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A run's dVAE, prior, tokenizer and (optionally) CLIP reranker, loaded and checked against each other."""
+
+    dvae: DVAE
+    prior: Prior
+    tokenizer: TextTokenizer  # the prior's
+    clip: Any | None  # models.clip.CLIP, or None to skip reranking
+    clip_tokenizer: TextTokenizer | None
+    image_size: int
+
+    @property
+    def grid(self) -> int:
+        return self.prior.config.grid_size
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def _stage_dir(run: str | Path | None, explicit: str | Path | None, stage: str) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if run:
+        return runs.stage_dir(run, stage)
+    return None
+
+
+def load_run(run: str | Path | None = None, *, dvae: str | Path | None = None, prior: str | Path | None = None,
+             clip: str | Path | None = None, rerank: bool = True) -> LoadedRun:
+    """Loads RUN/{dvae,prior,clip} (or explicit directories) and checks they fit together before compiling."""
+    dvae_dir, prior_dir = _stage_dir(run, dvae, "dvae"), _stage_dir(run, prior, "prior")
+    if dvae_dir is None or prior_dir is None:
+        raise SampleInputError("pass --run RUN (holding dvae/, prior/ and clip/) or both --dvae and --prior")
+    for name, directory in (("dVAE", dvae_dir), ("prior", prior_dir)):
+        if not directory.is_dir():
+            raise SampleInputError(f"{name} directory {directory} does not exist")
+    prior_model, tokenizer, config = runs.load_prior(prior_dir)
+    dvae_model = runs.load_dvae(dvae_dir)
+    p, d = prior_model.config, dvae_model.config
+    if d.vocab_size != p.image_vocab_size:
+        raise SampleInputError(f"the dVAE in {dvae_dir} has {d.vocab_size} codes but the prior in {prior_dir} "
+                               f"predicts {p.image_vocab_size}: they were not trained together")
+    image_size = config.data.image_size
+    if image_size % d.downsample or image_size // d.downsample != p.grid_size:
+        raise SampleInputError(f"the dVAE in {dvae_dir} turns {image_size}px images into "
+                               f"{image_size // d.downsample}x{image_size // d.downsample} grids but the prior in "
+                               f"{prior_dir} models {p.grid_size}x{p.grid_size}")
+    clip_model = clip_tokenizer = None
+    clip_dir = _stage_dir(run, clip, "clip")
+    if rerank:
+        if clip_dir is None or not clip_dir.is_dir():
+            raise SampleInputError(f"CLIP directory {clip_dir} does not exist: train it with `dalle-jax "
+                                   "train-clip`, pass --clip DIR, or --no-rerank to keep samples in draw order")
+        clip_model, clip_tokenizer, _ = runs.load_clip(clip_dir)
+        if clip_model.config.image_size != image_size:
+            raise SampleInputError(f"the CLIP model in {clip_dir} scores {clip_model.config.image_size}px images "
+                                   f"but the dVAE decodes {image_size}px")
+    return LoadedRun(dvae_model, prior_model, tokenizer, clip_model, clip_tokenizer, image_size)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+def encode_prompts(tokenizer: TextTokenizer, prompts: list[str]) -> np.ndarray:
+    """Prompts -> (P, T) ids. Empty prompts are refused; long ones are truncated with a warning saying what
+    was kept. Characters the BPE never saw are handled by its byte-level alphabet."""
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise SampleInputError(f"prompt {i} is empty or whitespace: {prompt!r}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CaptionTruncatedWarning)
+        ids = tokenizer.encode(prompts)
+    if any(issubclass(w.category, CaptionTruncatedWarning) for w in caught):
+        for i, prompt in enumerate(prompts):
+            if len(tokenizer.encode_unpadded([prompt])[0]) > tokenizer.text_len:
+                kept = tokenizer.decode(ids[i : i + 1])[0]
+                log.warning("prompt %d is longer than text_len=%d tokens; kept: %r", i, tokenizer.text_len, kept)
+    return ids
+
+
+def prefix_from_image(run: LoadedRun, path: str | Path, rows: int) -> np.ndarray:
+    """An image file of any size or mode -> the dVAE tokens of its top `rows` rows, (rows, grid)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from dalle_jax.data.folder import preprocess_image
+
+    if not 0 < rows < run.grid:
+        raise SampleInputError(f"--prefix-rows {rows} must be between 1 and {run.grid - 1} (the grid has "
+                               f"{run.grid} rows; at least one must be generated)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            pixels, _ = preprocess_image(img, run.image_size)  # as the dataset builders do
+    except FileNotFoundError:
+        raise SampleInputError(f"--image-prefix {path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise SampleInputError(f"--image-prefix {path}: not a readable image ({error})") from None
+    tokens = run.dvae.encode(jnp.asarray(pixels[None], jnp.float32) / 255.0)
+    return np.asarray(tokens)[0, :rows]  # (rows, grid)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+@nnx.jit
+def _decode(dvae: DVAE, tokens: jax.Array) -> jax.Array:
+    return jnp.clip(jnp.round(dvae.decode(tokens) * 255.0), 0, 255).astype(jnp.uint8)
+
+
+@nnx.jit
+def _clip_scores(clip: Any, images: jax.Array, text_ids: jax.Array) -> jax.Array:
+    from dalle_jax.models.clip import pair_similarity
+
+    return pair_similarity(clip, images, text_ids)
+
+
+def decode_images(run: LoadedRun, tokens: np.ndarray) -> np.ndarray:
+    """(B, N) image tokens -> (B, H, W, 3) uint8."""
+    grid = tokens.reshape(len(tokens), run.grid, run.grid)
+    return np.asarray(_decode(run.dvae, jnp.asarray(grid)))
+
+
+def clip_scores(run: LoadedRun, images: np.ndarray, prompt: str) -> np.ndarray:
+    """CLIP cosine similarity of each image with the prompt, (B,)."""
+    ids = run.clip_tokenizer.encode([prompt] * len(images))
+    return np.asarray(_clip_scores(run.clip, jnp.asarray(images), jnp.asarray(ids)))
+
+
+@dataclasses.dataclass
+class RankedSample:
+    """One decoded candidate of a prompt, in CLIP order (or draw order without a reranker)."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    clip_score: float | None
+    sample_index: int  # candidate index within its prompt
+
+
+def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, top: int, seed: int,
+                      sample_config: SampleConfig | None = None, batch_size: int = 64,
+                      prefix: np.ndarray | None = None, mesh=None, rules=None,
+                      progress: bool = True) -> list[list[RankedSample]]:
+    """For each prompt, `num_samples` candidates reranked by CLIP; the best `top` in score order."""
+    from tqdm.auto import tqdm
+
+    if num_samples < 1 or not 1 <= top <= num_samples:
+        raise SampleInputError(f"--top {top} must be between 1 and --num-samples {num_samples}")
+    if batch_size < 1:
+        raise SampleInputError(f"--batch-size {batch_size} must be positive")
+    text = encode_prompts(run.tokenizer, prompts)
+    pads = run.tokenizer.pad_ids()
+    cfg = dataclasses.replace(sample_config or SampleConfig(), prefix_rows=0 if prefix is None else len(prefix))
+    params = nnx.state(run.prior, nnx.Param)  # split once, not per batch
+    if mesh is not None:
+        rules = rules if rules is not None else sharding.DEFAULT_RULES  # the sampler's default too
+        params = sharding.shard_state(params, mesh, rules)
+    prior = (nnx.graphdef(run.prior), params)
+    results = []
+    for p, prompt in enumerate(tqdm(prompts, desc="prompts", disable=not progress)):
+        tokens = []
+        for start in range(0, num_samples, batch_size):
+            count = min(batch_size, num_samples - start)
+            batch_prefix = None if prefix is None else np.broadcast_to(prefix, (count, *prefix.shape))
+            tokens.append(sample_tokens(prior, np.repeat(text[p : p + 1], count, axis=0), seed, cfg, pad_ids=pads,
+                                        prefix=batch_prefix, mesh=mesh, rules=rules,
+                                        sample_offset=p * num_samples + start))
+        images = decode_images(run, np.concatenate(tokens))
+        if run.clip is not None:
+            scores = clip_scores(run, images, prompt)
+            order = np.argsort(-scores, kind="stable")[:top]
+            results.append([RankedSample(images[i], float(scores[i]), int(i)) for i in order])
+        else:
+            results.append([RankedSample(images[i], None, i) for i in range(top)])
+    return results
+
+
+def write_outputs(out_dir: str | Path, prompts: list[str], results: list[list[RankedSample]], seed: int) -> Path:
+    """PNG per kept image, samples.jsonl and grid.png (one row per prompt) in the documented layout."""
+    from PIL import Image
+
+    from dalle_jax.images import save_grid
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines, tiles, labels = [], [], []
+    for p, (prompt, kept) in enumerate(zip(prompts, results, strict=True)):
+        for r, item in enumerate(kept):
+            name = f"{p:04d}_{r:02d}.png"
+            Image.fromarray(item.image).save(out / name)
+            lines.append({"prompt_index": p, "prompt": prompt, "rank": r, "file": name,
+                          "clip_score": item.clip_score, "seed": seed, "sample_index": item.sample_index})
+            tiles.append(item.image)
+            labels.append(prompt if r == 0 else (f"#{r}" if item.clip_score is None else f"#{r} {item.clip_score:.2f}"))
+    (out / "samples.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    columns = max(len(kept) for kept in results)
+    scale = max(1, 96 // results[0][0].image.shape[0])
+    return save_grid(out / "grid.png", tiles, labels, columns=columns, scale=scale)
