@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -72,6 +73,10 @@ class TextConfig:
             raise ConfigError("text.text_len and text.vocab_size must be positive")
 
 
+# The config section each train config is, for error messages.
+_SECTION = {"DVAETrainConfig": "dvae_train", "PriorTrainConfig": "prior_train", "ClipTrainConfig": "clip_train"}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Loop settings shared by every trainer."""
@@ -83,12 +88,30 @@ class TrainConfig:
     eval_every: int = 500
     save_every: int = 500
     keep_checkpoints: int = 3
+    # A step whose loss, gradient or update is not finite is skipped (parameters unchanged); after this many in a
+    # row the run stops with an error and keeps its last (finite) checkpoint.
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self):
         if self.batch_size < 1 or self.steps < 0:
             raise ConfigError(f"batch_size={self.batch_size} / steps={self.steps} out of range")
-        if min(self.log_every, self.eval_every, self.save_every, self.keep_checkpoints) < 1:
-            raise ConfigError("log_every, eval_every, save_every and keep_checkpoints must be >= 1")
+        counts = (self.log_every, self.eval_every, self.save_every, self.keep_checkpoints, self.max_nonfinite_steps)
+        if min(counts) < 1:
+            raise ConfigError("log_every, eval_every, save_every, keep_checkpoints and max_nonfinite_steps must be "
+                              ">= 1")
+        section = _SECTION.get(type(self).__name__, "train")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{field.name}={value} must be a finite number")
+        if hasattr(self, "learning_rate") and self.learning_rate <= 0:
+            raise ConfigError(f"{section}.learning_rate={self.learning_rate} must be > 0")
+        for name in ("learning_rate_end", "weight_decay", "clip_norm", "adam_eps"):
+            if hasattr(self, name) and getattr(self, name) < 0:
+                raise ConfigError(f"{section}.{name}={getattr(self, name)} must be >= 0")
+        for name in ("ema_decay", "adam_b1", "adam_b2"):
+            if hasattr(self, name) and not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{section}.{name}={getattr(self, name)} must be in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,7 +88,9 @@ def plot_curves(out: str | Path, rows: Sequence[dict], keys: Sequence[str], *, t
 
     Keys absent from the rows are skipped; returns None when none is present.
     """
-    series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
+    # metrics.jsonl writes a non-finite value as a string ("nan"); such points are left out of the plot
+    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+              for k in keys}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None

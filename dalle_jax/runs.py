@@ -131,6 +131,7 @@ def load_dvae(run_or_dvae_dir: str | Path, use_ema: bool = True) -> Any:
 
     from dalle_jax.models.dvae import DVAEConfig, abstract_params, dvae_from_params
     from dalle_jax.train.checkpoint import STATE, Checkpointer
+    from dalle_jax.train.loop import check_finite
 
     directory = find_model_dir(run_or_dvae_dir, "dvae")
     config = read_model_config(directory, "dvae", DVAEConfig)
@@ -158,6 +159,7 @@ def load_dvae(run_or_dvae_dir: str | Path, use_ema: bool = True) -> Any:
         restored = checkpointer.restore_latest(abstract)
     finally:
         checkpointer.close()
+    check_finite(restored.state[key], f"{checkpoints}/{restored.step}")
     return dvae_from_params(config, restored.state[key])
 
 

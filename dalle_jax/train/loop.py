@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dalle_jax import distributed, sharding
+from dalle_jax.errors import DalleJaxError
 from dalle_jax.models.init import build_pooled
 from dalle_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from dalle_jax.train.metrics import MetricWriter
@@ -165,7 +166,13 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sp
         params = optax.apply_updates(state["params"], updates)
         decay = ema_decay_at(state["step"], ema_decay, ema_warmup)
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"], params)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        grad_norm = optax.global_norm(grads)
+        # A non-finite step (divergence, overflow) is skipped: parameters, optimizer state and EMA stay as they were,
+        # so a checkpoint never holds non-finite values. `Loop` counts such steps and stops after a streak of them.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+        params, ema, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, ema, opt_state),
+                                              (state["params"], state["ema_params"], state["opt_state"]))
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
         new_state = {"params": params, "ema_params": ema, "opt_state": opt_state, "step": state["step"] + 1,
                      "key": state["key"]}
         if state_metrics is not None:
@@ -202,6 +209,55 @@ def merged_model(spec: StateSpec, params: Any) -> nnx.Module:
     return nnx.merge(spec.graphdef, nnx.State(params))
 
 
+class DivergenceError(DalleJaxError):
+    """Training produced only non-finite steps for a while; nothing non-finite was saved."""
+
+
+class NonfiniteSteps:
+    """Counts the train step's skipped (non-finite) steps without a host sync per step.
+
+    Each step's device-side flag is kept and read only where the loop syncs anyway (logging) or must know
+    (before a checkpoint is written); `diverged` is true once `limit` consecutive steps were non-finite.
+    """
+
+    def __init__(self, name: str, limit: int):
+        self.name, self.limit = name, limit
+        self.pending: list[tuple[int, Any, Any]] = []  # (step, nonfinite flag, metrics) not yet read
+        self.streak, self.total, self.first_bad, self.last_bad = 0, 0, None, None
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics["nonfinite"], metrics))
+        if len(self.pending) > self.limit:  # only the last `limit` matter for the streak; count the rest now
+            self.settle(keep=self.limit)
+
+    def settle(self, keep: int = 0) -> None:
+        """Reads the flags of all but the last `keep` pending steps."""
+        ready, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        for (step, _, metrics), value in zip(ready, jax.device_get([f for _, f, _ in ready]), strict=True):
+            if float(value) > 0:
+                self.total += 1
+                self.streak += 1
+                self.first_bad = step if self.streak == 1 else self.first_bad
+                self.last_bad = (step, metrics)
+            else:
+                self.streak = 0
+
+    def diverged(self, settle: bool) -> bool:
+        if settle:
+            self.settle()
+        return self.streak >= self.limit
+
+    def message(self, last_checkpoint: int | None) -> str:
+        step, metrics = self.last_bad
+        values = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm") if k in metrics})
+        shown = ", ".join(f"{k}={float(v):.4g}" for k, v in values.items())
+        kept = (f"the last checkpoint, step {last_checkpoint}, is finite and kept" if last_checkpoint is not None
+                else "no checkpoint was written")
+        return (f"{self.name}: steps {self.first_bad}-{step} were all non-finite ({shown} at step {step}); those steps "
+                f"were skipped and nothing non-finite was saved; {kept}. Lower the learning rate (or raise "
+                f"{self.name}_train.max_nonfinite_steps) and rerun to resume")
+
+
 @dataclasses.dataclass
 class Loop:
     """Runs `steps` updates with checkpoints every `save_every`, logs every `log_every`, evals every `eval_every`."""
@@ -214,6 +270,7 @@ class Loop:
     eval_every: int
     keep: int = 3
     name: str = "train"
+    max_nonfinite_steps: int = 10  # consecutive skipped (non-finite) steps before the run stops
 
     def run(self, state: dict, spec: StateSpec, train_step: Callable, batches: Any, *, to_device: Callable,
             batch_size: int, evaluate: Callable[[dict, int], dict] | None = None,
@@ -241,16 +298,21 @@ class Loop:
         last_metrics: dict = {}
         window_start, window_steps = time.perf_counter(), 0
         step = start
+        nonfinite = NonfiniteSteps(self.name, self.max_nonfinite_steps)
         with PreemptionGuard() as guard:
             while step < self.steps:
                 state, metrics = train_step(state, to_device(next(batches)))
                 step += 1
                 window_steps += 1
                 bar.update(1)
+                nonfinite.add(step, metrics)
                 if step % self.log_every == 0 or step == self.steps:
                     host_metrics = jax.device_get(metrics)  # waits for the steps, so the timing below is real
                     elapsed = time.perf_counter() - window_start
+                    nonfinite.settle()
+                    host_metrics.pop("nonfinite", None)
                     scalars = {**host_metrics, **(extra_scalars(step) if extra_scalars else {}),
+                               "nonfinite_steps": nonfinite.total,
                                "examples_per_s": window_steps * batch_size / max(elapsed, 1e-9)}
                     if tokens_per_example:
                         scalars["tokens_per_s"] = scalars["examples_per_s"] * tokens_per_example
@@ -261,7 +323,13 @@ class Loop:
                     last_metrics.update(writer.scalars(step, {f"eval/{k}": v for k, v in
                                                               evaluate(state, step).items()}))
                 stop = guard.should_stop(step)  # multi-host: the same answer on every host (see PreemptionGuard)
-                if checkpoints.should_save(step) or step == self.steps or stop:
+                saving = checkpoints.should_save(step) or step == self.steps or stop
+                if nonfinite.diverged(settle=saving):
+                    bar.close()
+                    checkpoints.close()
+                    writer.close()
+                    raise DivergenceError(nonfinite.message(checkpoints.latest_step()))
+                if saving:
                     iterator_state = batches.get_state()
                     # Orbax writes JSON items from process 0 only and every host restores that copy. That is
                     # right because the Grain state is a position in the host-sliced stream, the same on every
@@ -305,4 +373,16 @@ def load_trained(checkpoint_dir: Path, model_fn: Callable[[], nnx.Module], optim
         checkpoints.close()
     if restored is None:
         raise FileNotFoundError(f"{checkpoint_dir} holds no finished checkpoint")
-    return nnx.merge(graphdef, nnx.State(restored.state["ema_params" if use_ema else "params"]))
+    params = restored.state["ema_params" if use_ema else "params"]
+    check_finite(params, f"{checkpoint_dir}/{restored.step}")
+    return nnx.merge(graphdef, nnx.State(params))
+
+
+def check_finite(params: Any, where: str) -> None:
+    """Refuses weights holding NaN or inf (a diverged run saved by an older version): they would sample noise."""
+    bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+           if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(leaf)))]
+    if bad:
+        raise DivergenceError(f"checkpoint {where} holds non-finite weights ({', '.join(bad[:3])}"
+                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): the run diverged; retrain "
+                              "it with a lower learning rate")

@@ -66,6 +66,31 @@ def batch_shardings(shapes: dict[str, tuple[int, ...]], mesh: Mesh, rules: shard
             for name, shape in shapes.items()}
 
 
+# Fields a rerun may change: how long to train and how often to log, evaluate and save (extending a run), and how
+# the data is read. Everything else must match the run's saved config (the mesh may change: restores reshard).
+RERUN_MAY_CHANGE = frozenset({"steps", "log_every", "eval_every", "save_every", "keep_checkpoints",
+                              "max_nonfinite_steps", "eval_batches", "read_threads", "prefetch"})
+
+
+def check_rerun(config: Config, run_dir: str | Path, stage: str) -> None:
+    """Raises, before anything is written, if RUN/<stage> was trained with another config: a rerun resumes the
+    saved run, so a different model, data or recipe would overwrite its config and fail on its checkpoints."""
+    saved_path = runs.stage_dir(run_dir, stage) / runs.CONFIG
+    if not saved_path.is_file():
+        return
+    saved = config_lib.load_config(saved_path)
+    differences = []
+    for section in ("data", "text", stage, f"{stage}_train"):
+        before, after = config_lib.to_dict(getattr(saved, section)), config_lib.to_dict(getattr(config, section))
+        differences += [f"{section}.{name}={before[name]!r}, you asked {after[name]!r}" for name in before
+                        if before[name] != after[name] and name not in RERUN_MAY_CHANGE]
+    if differences:
+        shown = "; ".join(differences[:3]) + (f" (and {len(differences) - 3} more)" if len(differences) > 3 else "")
+        raise config_lib.ConfigError(
+            f"{saved_path.parent} was trained with {shown}: rerun with the run's options (its config is "
+            f"{saved_path}, preset '{saved.name}') or use another run directory; nothing was changed")
+
+
 def write_stage_files(out: Path, config: Config, stage: str, model_config: Any,
                       tokenizer: TextTokenizer | None = None) -> None:
     """config.json, <stage>_config.json (+ tokenizer.json): process 0 only, since on a shared run directory the
@@ -99,7 +124,8 @@ def run_stage(stage: Stage, config: Config, run_dir: str | Path, *, progress: bo
     evaluate = stage.make_eval(spec, mesh, rules)
 
     runner = loop.Loop(out, out / runs.CHECKPOINTS, steps=cfg.steps, save_every=cfg.save_every, log_every=cfg.log_every,
-                       eval_every=cfg.eval_every, keep=cfg.keep_checkpoints, name=stage.name)
+                       eval_every=cfg.eval_every, keep=cfg.keep_checkpoints, name=stage.name,
+                       max_nonfinite_steps=cfg.max_nonfinite_steps)
     result = runner.run(state, spec, train_step, batches, batch_size=cfg.batch_size, evaluate=evaluate,
                         to_device=lambda b: device_batch({k: b[k] for k in stage.device_keys}, mesh, rules),
                         extra_scalars=stage.scalars, progress=progress, tokens_per_example=stage.tokens_per_example)
