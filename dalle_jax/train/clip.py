@@ -191,6 +191,7 @@ def train_clip(config: Config, dataset_dir: str | Path, tokenizer_path: str | Pa
     """Trains (or resumes) the reranker of `config` on an image dataset into RUN/clip."""
     from dalle_jax.data.shapes import parse_holdout
 
+    stage_lib.check_rerun(config, run_dir, "clip")
     dataset_dir = Path(dataset_dir)
     cfg = config.clip_train
     if not Path(tokenizer_path).is_file():

@@ -213,6 +213,7 @@ def make_evaluator(spec: loop.StateSpec, mesh, eval_images: np.ndarray, captions
 
 def train_dvae(config: Config, run_dir: str | Path, *, progress: bool = True) -> dict:
     """Trains (or resumes) the dVAE of `config` into RUN/dvae; returns the final metrics."""
+    stage_lib.check_rerun(config, run_dir, "dvae")
     cfg, model_cfg = config.dvae_train, config.dvae
     model_cfg.grid_size(config.data.image_size)  # fail early on an incompatible image size
     if cfg.revive_every and model_cfg.logits != "distance":

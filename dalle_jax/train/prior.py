@@ -168,6 +168,7 @@ def train_prior(config: Config, token_dir: str | Path, tokenizer_path: str | Pat
     """Trains (or resumes) the prior of `config` on a token dataset into RUN/prior."""
     from dalle_jax.data.shapes import parse_holdout
 
+    stage_lib.check_rerun(config, run_dir, "prior")
     token_dir = Path(token_dir)
     cfg, model_cfg = config.prior_train, config.prior
     if not Path(tokenizer_path).is_file():
