@@ -116,3 +116,55 @@ def test_sample_bad_input_is_named(quick_run, tmp_path):
         bad = _cli("sample", "--run", str(run), "--prompt", "a red square", "--mesh", mesh,
                    "--out-dir", str(tmp_path / "d"), timeout=120)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
+
+
+PEAK_RSS = """
+import resource, sys
+from dalle_jax.cli import main
+code = main(sys.argv[1:])
+print("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
+sys.exit(code)
+"""
+
+
+def _sample_peak_rss(run, out, num_samples: int) -> float:
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, "sample", "--run", str(run), "--prompt", "a red square",
+                             "--num-samples", str(num_samples), "--top", "4", "--quiet", "--out-dir", str(out)],
+                            env=ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return float(result.stdout.split("peak_rss_mb")[-1])
+
+
+def test_sample_memory_does_not_grow_with_num_samples(quick_run, tmp_path):
+    """Decode and rerank go batch by batch, keeping the best --top: 4096 candidates cost no more memory than 64
+    (the bound, 256 MB, is a quarter of what decoding 4096 quick-preset candidates at once needs)."""
+    run, _ = quick_run
+    small = _sample_peak_rss(run, tmp_path / "small", 64)
+    large = _sample_peak_rss(run, tmp_path / "large", 4096)
+    assert large < small + 256, (small, large)
+    lines = (tmp_path / "large" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and max(json.loads(line)["sample_index"] for line in lines) < 4096
+
+
+def test_sample_checks_its_out_dir_first_and_replaces_an_earlier_runs_files(quick_run, tmp_path, capsys):
+    from dalle_jax.cli import main
+
+    run, _ = quick_run
+    a_file = tmp_path / "taken.png"
+    a_file.write_bytes(b"not a directory")
+    # a missing run directory would fail only when loading: the out-dir is named first
+    for out_dir in (a_file, a_file / "sub"):
+        assert main(["sample", "--run", str(tmp_path / "nowhere"), "--prompt", "a red square",
+                     "--out-dir", str(out_dir)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out-dir") and err.count("\n") == 1, err
+    out = tmp_path / "reused"
+    out.mkdir()
+    for stale in ("0007_03.png", "grid.png"):
+        (out / stale).write_bytes(b"an earlier run")
+    (out / "samples.jsonl").write_text('{"prompt_index": 7}\n')
+    (out / "notes.txt").write_text("the user's own file")
+    assert main(["sample", "--run", str(run), "--prompt", "a red square", "--num-samples", "2", "--top", "1",
+                 "--quiet", "--out-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000_00.png", "grid.png", "notes.txt", "samples.jsonl"]
+    assert [json.loads(line)["prompt_index"] for line in (out / "samples.jsonl").read_text().splitlines()] == [0]

@@ -11,7 +11,7 @@ from dalle_jax import config as config_lib
 from dalle_jax import sharding
 from dalle_jax.errors import ConfigError, ShardingError
 from dalle_jax.sampling import rerank
-from dalle_jax.sampling.rerank import SampleInputError, load_run, prefix_from_image, sample_and_rerank, write_outputs
+from dalle_jax.sampling.rerank import SampleInputError, SampleWriter, load_run, prefix_from_image, sample_and_rerank
 from dalle_jax.sampling.sampler import SampleConfig
 
 
@@ -86,14 +86,15 @@ def _sample(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     if args.prefix_rows and not args.image_prefix:
         raise SampleInputError("--prefix-rows needs --image-prefix IMAGE")
-    mesh = sampling_mesh(args.mesh)  # before loading anything
+    cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale)
+    mesh = sampling_mesh(args.mesh)  # all of these before loading anything
+    writer = SampleWriter(args.out_dir, args.seed)
     run = load_run(args.run, dvae=args.dvae, prior=args.prior, clip=args.clip, rerank=not args.no_rerank)
     prefix = prefix_from_image(run, args.image_prefix, args.prefix_rows) if args.image_prefix else None
-    cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale)
     # A parameter the mesh cannot shard raises ShardingError, printed by the entry point like every input error.
-    results = sample_and_rerank(run, prompts, num_samples=args.num_samples, top=args.top, seed=args.seed,
-                                sample_config=cfg, batch_size=args.batch_size, prefix=prefix, mesh=mesh,
-                                progress=not args.quiet)
-    grid = write_outputs(args.out_dir, prompts, results, args.seed)
+    sample_and_rerank(run, prompts, num_samples=args.num_samples, top=args.top, seed=args.seed, sample_config=cfg,
+                      batch_size=args.batch_size, prefix=prefix, mesh=mesh, progress=not args.quiet,
+                      on_prompt=writer.add)  # each prompt's files are written as soon as it is done
+    grid = writer.finish()
     print(f"sample: {len(prompts)} prompt(s) x top {args.top} of {args.num_samples} -> {args.out_dir} ({grid.name})")
     return 0

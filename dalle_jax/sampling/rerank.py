@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,12 +182,21 @@ class RankedSample:
 
 def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, top: int, seed: int,
                       sample_config: SampleConfig | None = None, batch_size: int = 64,
-                      prefix: np.ndarray | None = None, mesh=None, rules=None,
-                      progress: bool = True) -> list[list[RankedSample]]:
-    """For each prompt, `num_samples` candidates reranked by CLIP; the best `top` in score order."""
+                      prefix: np.ndarray | None = None, mesh=None, rules=None, progress: bool = True,
+                      on_prompt: Callable[[int, str, list[RankedSample]], None] | None = None
+                      ) -> list[list[RankedSample]]:
+    """For each prompt, `num_samples` candidates reranked by CLIP; the best `top` in score order.
+
+    Candidates are drawn, decoded and scored `batch_size` at a time and only the best `top` so far are kept, so
+    memory does not grow with `num_samples` (the order is that of a stable sort of all N scores, best first, ties
+    by draw index). Without a reranker only the first `top` draws are made (later draws would not change them).
+    `on_prompt(p, prompt, kept)` is called as each prompt finishes (`SampleWriter.add` writes its files then).
+    """
     from tqdm.auto import tqdm
 
-    if num_samples < 1 or not 1 <= top <= num_samples:
+    if num_samples < 1:
+        raise SampleInputError(f"--num-samples {num_samples} must be at least 1")
+    if not 1 <= top <= num_samples:
         raise SampleInputError(f"--top {top} must be between 1 and --num-samples {num_samples}")
     if batch_size < 1:
         raise SampleInputError(f"--batch-size {batch_size} must be positive")
@@ -197,43 +208,90 @@ def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, t
         rules = rules if rules is not None else sharding.DEFAULT_RULES  # the sampler's default too
         params = sharding.shard_state(params, mesh, rules)
     prior = (nnx.graphdef(run.prior), params)
+    drawn = num_samples if run.clip is not None else top
+    bar = tqdm(total=len(prompts) * drawn, desc="candidates", unit="sample", disable=not progress, dynamic_ncols=True)
     results = []
-    for p, prompt in enumerate(tqdm(prompts, desc="prompts", disable=not progress)):
-        tokens = []
-        for start in range(0, num_samples, batch_size):
-            count = min(batch_size, num_samples - start)
+    for p, prompt in enumerate(prompts):
+        kept: list[RankedSample] = []
+        for start in range(0, drawn, batch_size):
+            count = min(batch_size, drawn - start)
             batch_prefix = None if prefix is None else np.broadcast_to(prefix, (count, *prefix.shape))
-            tokens.append(sample_tokens(prior, np.repeat(text[p : p + 1], count, axis=0), seed, cfg, pad_ids=pads,
-                                        prefix=batch_prefix, mesh=mesh, rules=rules,
-                                        sample_offset=p * num_samples + start))
-        images = decode_images(run, np.concatenate(tokens))
-        if run.clip is not None:
-            scores = clip_scores(run, images, prompt)
-            order = np.argsort(-scores, kind="stable")[:top]
-            results.append([RankedSample(images[i], float(scores[i]), int(i)) for i in order])
-        else:
-            results.append([RankedSample(images[i], None, i) for i in range(top)])
+            tokens = sample_tokens(prior, np.repeat(text[p : p + 1], count, axis=0), seed, cfg, pad_ids=pads,
+                                   prefix=batch_prefix, mesh=mesh, rules=rules, sample_offset=p * num_samples + start)
+            images = decode_images(run, tokens)
+            if run.clip is None:
+                kept += [RankedSample(images[i], None, start + i) for i in range(count)]
+            else:
+                scores = clip_scores(run, images, prompt)
+                kept += [RankedSample(images[i], float(scores[i]), start + i) for i in range(count)]
+                kept = sorted(kept, key=lambda c: (-c.clip_score, c.sample_index))[:top]
+            bar.update(count)
+        results.append(kept[:top])
+        if on_prompt is not None:
+            on_prompt(p, prompt, results[-1])
+    bar.close()
     return results
+
+
+# Files `SampleWriter` writes: {p:04d}_{r:02d}.png, samples.jsonl, grid.png.
+_OUTPUT_NAME = re.compile(r"^(\d{4}_\d{2}\.png|samples\.jsonl|grid\.png)$")
+
+
+class SampleWriter:
+    """Writes the documented output layout prompt by prompt, so an interrupted run keeps what it finished.
+
+    Made before anything is loaded: an out-dir that is a file or cannot be written fails at once, and the files of
+    an earlier sample run in it are removed (they would mix with this run's). grid.png is drawn by `finish`.
+    """
+
+    def __init__(self, out_dir: str | Path, seed: int):
+        self.out, self.seed = Path(out_dir), seed
+        if self.out.exists() and not self.out.is_dir():
+            raise SampleInputError(f"--out-dir {self.out} is a file: give a directory (it is created if missing)")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".dalle_jax_write_test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise SampleInputError(f"--out-dir {self.out} cannot be written ({error.strerror or error}): choose a "
+                                   "writable directory") from None
+        stale = [p for p in self.out.iterdir() if _OUTPUT_NAME.match(p.name)]
+        for path in stale:
+            path.unlink()
+        if stale:
+            log.warning("removed %d files of an earlier sample run from %s", len(stale), self.out)
+        self.tiles: list[np.ndarray] = []
+        self.labels: list[str] = []
+        self.columns = 1
+
+    def add(self, p: int, prompt: str, kept: list[RankedSample]) -> None:
+        from PIL import Image
+
+        lines = []
+        for r, item in enumerate(kept):
+            name = f"{p:04d}_{r:02d}.png"
+            Image.fromarray(item.image).save(self.out / name)
+            lines.append({"prompt_index": p, "prompt": prompt, "rank": r, "file": name,
+                          "clip_score": item.clip_score, "seed": self.seed, "sample_index": item.sample_index})
+            self.tiles.append(item.image)
+            self.labels.append(prompt if r == 0 else
+                               (f"#{r}" if item.clip_score is None else f"#{r} {item.clip_score:.2f}"))
+        with (self.out / "samples.jsonl").open("a") as f:
+            f.write("".join(json.dumps(line) + "\n" for line in lines))
+        self.columns = max(self.columns, len(kept))
+
+    def finish(self) -> Path:
+        """grid.png: one row per prompt, captions written on it."""
+        from dalle_jax.images import save_grid
+
+        scale = max(1, 96 // self.tiles[0].shape[0])
+        return save_grid(self.out / "grid.png", self.tiles, self.labels, columns=self.columns, scale=scale)
 
 
 def write_outputs(out_dir: str | Path, prompts: list[str], results: list[list[RankedSample]], seed: int) -> Path:
     """PNG per kept image, samples.jsonl and grid.png (one row per prompt) in the documented layout."""
-    from PIL import Image
-
-    from dalle_jax.images import save_grid
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lines, tiles, labels = [], [], []
+    writer = SampleWriter(out_dir, seed)
     for p, (prompt, kept) in enumerate(zip(prompts, results, strict=True)):
-        for r, item in enumerate(kept):
-            name = f"{p:04d}_{r:02d}.png"
-            Image.fromarray(item.image).save(out / name)
-            lines.append({"prompt_index": p, "prompt": prompt, "rank": r, "file": name,
-                          "clip_score": item.clip_score, "seed": seed, "sample_index": item.sample_index})
-            tiles.append(item.image)
-            labels.append(prompt if r == 0 else (f"#{r}" if item.clip_score is None else f"#{r} {item.clip_score:.2f}"))
-    (out / "samples.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    columns = max(len(kept) for kept in results)
-    scale = max(1, 96 // results[0][0].image.shape[0])
-    return save_grid(out / "grid.png", tiles, labels, columns=columns, scale=scale)
+        writer.add(p, prompt, kept)
+    return writer.finish()

@@ -69,15 +69,15 @@ class SampleConfig:
 
     def __post_init__(self):
         if not self.temperature > 0:
-            raise ConfigError(f"sample.temperature={self.temperature} must be > 0")
+            raise ConfigError(f"sample.temperature={self.temperature} (--temperature) must be > 0")
         if self.top_k < 0:
-            raise ConfigError(f"sample.top_k={self.top_k} must be >= 0 (0 = off)")
+            raise ConfigError(f"sample.top_k={self.top_k} (--top-k) must be >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"sample.top_p={self.top_p} must be in (0, 1] (1 = off)")
+            raise ConfigError(f"sample.top_p={self.top_p} (--top-p) must be in (0, 1] (1 = off)")
         if not math.isfinite(self.cfg_scale):
-            raise ConfigError(f"sample.cfg_scale={self.cfg_scale} must be finite")
+            raise ConfigError(f"sample.cfg_scale={self.cfg_scale} (--cfg-scale) must be finite")
         if self.prefix_rows < 0:
-            raise ConfigError(f"sample.prefix_rows={self.prefix_rows} must be >= 0")
+            raise ConfigError(f"sample.prefix_rows={self.prefix_rows} (--prefix-rows) must be >= 0")
 
     @property
     def guided(self) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -380,8 +381,9 @@ def load_trained(checkpoint_dir: Path, model_fn: Callable[[], nnx.Module], optim
 
 def check_finite(params: Any, where: str) -> None:
     """Refuses weights holding NaN or inf (a diverged run saved by an older version): they would sample noise."""
-    bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-           if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(leaf)))]
+    # numpy on the host copy: a jnp reduction would compile one small program per parameter shape
+    bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(params))
+           if np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all()]
     if bad:
         raise DivergenceError(f"checkpoint {where} holds non-finite weights ({', '.join(bad[:3])}"
                               f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): the run diverged; retrain "
