@@ -118,6 +118,8 @@ def reconstruct_files(dvae_dir: str | Path, paths: list[str], out: str | Path, *
                 names.append(Path(path).name)
         except FileNotFoundError:
             problems.append(f"{path}: no such file")
+        except Image.DecompressionBombError as error:
+            problems.append(f"{path}: refused, too many pixels ({error})")
         except (UnidentifiedImageError, OSError, ValueError) as error:
             problems.append(f"{path}: not a readable image ({error})")
     if not images:

@@ -8,6 +8,7 @@ import sys
 from dalle_jax import runs
 from dalle_jax.data import folder
 from dalle_jax.data.shapes import SPLITS, TEMPLATES, ShapesSpec, build_shapes, parse_holdout
+from dalle_jax.errors import InputError
 
 SHAPES_EPILOG = """\
 The `dataset:` directory printed at the end is what `tfds.builder_from_directory` (and the training configs' data
@@ -155,6 +156,10 @@ def register_show(subparsers: argparse._SubParsersAction) -> None:
 def _show(args: argparse.Namespace) -> int:
     from dalle_jax.data.pipeline import caption_text, open_split
     from dalle_jax.images import save_grid
+
+    for flag, value in (("--num", args.num), ("--columns", args.columns), ("--scale", args.scale)):
+        if value < 1:
+            raise InputError(f"{flag} {value} must be at least 1")
 
     source = open_split(runs.find_dataset_dir(args.dataset), args.split)
     count = min(args.num, len(source))

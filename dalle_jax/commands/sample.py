@@ -11,7 +11,15 @@ from dalle_jax import config as config_lib
 from dalle_jax import sharding
 from dalle_jax.errors import ConfigError, ShardingError
 from dalle_jax.sampling import rerank
-from dalle_jax.sampling.rerank import SampleInputError, SampleWriter, load_run, prefix_from_image, sample_and_rerank
+from dalle_jax.sampling.rerank import (
+    SampleInputError,
+    SampleWriter,
+    check_counts,
+    load_run,
+    prefix_from_image,
+    read_image,
+    sample_and_rerank,
+)
 from dalle_jax.sampling.sampler import SampleConfig
 
 
@@ -59,7 +67,12 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise SampleInputError(f"--prompts-file {path}: no such file")
-        prompts += [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+        try:  # utf-8-sig: a byte-order mark written by some editors is not part of the first prompt
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise SampleInputError(f"--prompts-file {path}: not UTF-8 text (byte {error.start}); save it as "
+                                   "UTF-8") from None
+        prompts += [line.rstrip("\n") for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SampleInputError("give at least one --prompt TEXT or --prompts-file FILE")
     return prompts
@@ -87,6 +100,11 @@ def _sample(args: argparse.Namespace) -> int:
     if args.prefix_rows and not args.image_prefix:
         raise SampleInputError("--prefix-rows needs --image-prefix IMAGE")
     cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale)
+    check_counts(args.num_samples, args.top, args.batch_size)
+    if not 0 <= args.seed < 2**32:
+        raise SampleInputError(f"--seed {args.seed} must be in [0, 2^32)")
+    if args.image_prefix:
+        read_image(args.image_prefix)
     mesh = sampling_mesh(args.mesh)  # all of these before loading anything
     writer = SampleWriter(args.out_dir, args.seed)
     run = load_run(args.run, dvae=args.dvae, prior=args.prior, clip=args.clip, rerank=not args.no_rerank)

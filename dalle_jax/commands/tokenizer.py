@@ -8,7 +8,7 @@ import numpy as np
 
 from dalle_jax import runs
 from dalle_jax.data.tokenizer import PAD_MODES, TextTokenizer, captions_from_dataset
-from dalle_jax.errors import DatasetError
+from dalle_jax.errors import DatasetError, InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,6 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.vocab_size < 256:
+        raise InputError(f"--vocab-size {args.vocab_size} must be at least 256 (the byte alphabet); the paper's is "
+                         "16384")
+    if args.text_len < 1:
+        raise InputError(f"--text-len {args.text_len} must be at least 1")
+    if not 0 <= args.dropout < 1:
+        raise InputError(f"--dropout {args.dropout} must be in [0, 1)")
+    if args.min_frequency < 1:
+        raise InputError(f"--min-frequency {args.min_frequency} must be at least 1")
     captions = captions_from_dataset(str(runs.find_dataset_dir(args.data)), args.split)
     if not captions:
         raise DatasetError(f"no captions in split {args.split!r} of {args.data}")

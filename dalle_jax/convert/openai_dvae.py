@@ -59,8 +59,11 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], str | None
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}, None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {name: data[name] for name in data.files}, None
+        except ValueError as error:  # e.g. an object array, which only pickle could read
+            raise ConversionError(f"{path}: not a plain .npz of numeric arrays ({error})") from None
     if suffix == ".safetensors":
         return read_safetensors(path), None
     if not is_torch_file(path):

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from dalle_jax.errors import DatasetError
+
 FILE_FORMAT = "dalle_jax.text_tokenizer"
 FILE_VERSION = 1
 PAD_MODES = ("per_position", "shared")
@@ -330,7 +332,8 @@ class TextTokenizer:
                 requested_vocab_size=settings.get("requested_vocab_size"),
             )
         except Exception as err:  # json, missing keys, HF's parser errors: all mean a bad file
-            raise ValueError(f"tokenizer file {path!r} is malformed: {type(err).__name__}: {err}") from err
+            raise DatasetError(f"tokenizer file {str(path)!r} is malformed ({type(err).__name__}: {err}); train it "
+                               "again with `dalle-jax tokenizer train`") from err
         if tokenizer.vocab_size != settings.get("vocab_size", tokenizer.vocab_size):
             raise ValueError(
                 f"tokenizer file {path!r} is malformed: settings say vocab_size={settings['vocab_size']} "

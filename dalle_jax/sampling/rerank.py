@@ -124,23 +124,30 @@ def encode_prompts(tokenizer: TextTokenizer, prompts: list[str]) -> np.ndarray:
     return ids
 
 
-def prefix_from_image(run: LoadedRun, path: str | Path, rows: int) -> np.ndarray:
-    """An image file of any size or mode -> the dVAE tokens of its top `rows` rows, (rows, grid)."""
+def read_image(path: str | Path, flag: str = "--image-prefix") -> Any:
+    """A PIL image, fully read; a missing, unreadable or decompression-bomb file is one SampleInputError."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except FileNotFoundError:
+        raise SampleInputError(f"{flag} {path}: no such file") from None
+    except Image.DecompressionBombError as error:
+        raise SampleInputError(f"{flag} {path}: refused, too many pixels ({error})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise SampleInputError(f"{flag} {path}: not a readable image ({error})") from None
+
+
+def prefix_from_image(run: LoadedRun, path: str | Path, rows: int) -> np.ndarray:
+    """An image file of any size or mode -> the dVAE tokens of its top `rows` rows, (rows, grid)."""
     from dalle_jax.data.folder import preprocess_image
 
     if not 0 < rows < run.grid:
         raise SampleInputError(f"--prefix-rows {rows} must be between 1 and {run.grid - 1} (the grid has "
                                f"{run.grid} rows; at least one must be generated)")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            pixels, _ = preprocess_image(img, run.image_size)  # as the dataset builders do
-    except FileNotFoundError:
-        raise SampleInputError(f"--image-prefix {path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise SampleInputError(f"--image-prefix {path}: not a readable image ({error})") from None
+    pixels, _ = preprocess_image(read_image(path), run.image_size)  # as the dataset builders do
     tokens = run.dvae.encode(jnp.asarray(pixels[None], jnp.float32) / 255.0)
     return np.asarray(tokens)[0, :rows]  # (rows, grid)
 
@@ -180,6 +187,16 @@ class RankedSample:
     sample_index: int  # candidate index within its prompt
 
 
+def check_counts(num_samples: int, top: int, batch_size: int) -> None:
+    """--num-samples, --top and --batch-size make sense together (checked before anything loads)."""
+    if num_samples < 1:
+        raise SampleInputError(f"--num-samples {num_samples} must be at least 1")
+    if not 1 <= top <= num_samples:
+        raise SampleInputError(f"--top {top} must be between 1 and --num-samples {num_samples}")
+    if batch_size < 1:
+        raise SampleInputError(f"--batch-size {batch_size} must be positive")
+
+
 def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, top: int, seed: int,
                       sample_config: SampleConfig | None = None, batch_size: int = 64,
                       prefix: np.ndarray | None = None, mesh=None, rules=None, progress: bool = True,
@@ -194,12 +211,7 @@ def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, t
     """
     from tqdm.auto import tqdm
 
-    if num_samples < 1:
-        raise SampleInputError(f"--num-samples {num_samples} must be at least 1")
-    if not 1 <= top <= num_samples:
-        raise SampleInputError(f"--top {top} must be between 1 and --num-samples {num_samples}")
-    if batch_size < 1:
-        raise SampleInputError(f"--batch-size {batch_size} must be positive")
+    check_counts(num_samples, top, batch_size)
     text = encode_prompts(run.tokenizer, prompts)
     pads = run.tokenizer.pad_ids()
     cfg = dataclasses.replace(sample_config or SampleConfig(), prefix_rows=0 if prefix is None else len(prefix))

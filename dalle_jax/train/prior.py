@@ -92,6 +92,9 @@ def check_compatible(config: Config, tokenizer: TextTokenizer, token_dir: Path) 
     p = config.prior
     tokenizer.check_config(config.text)  # the prior's text_len, pad_mode and text_vocab_size derive from it
     example = open_split(token_dir, "train")[0]
+    if "tokens" not in example:
+        raise DatasetError(f"{token_dir} has no 'tokens' field (fields: {sorted(example)}): train-prior reads the "
+                           "token dataset `dalle-jax encode` writes (RUN/tokens), not an image dataset")
     grid = np.asarray(example["tokens"]).shape
     if grid != (p.grid_size, p.grid_size):
         raise ConfigError(f"token dataset {token_dir} has {grid} grids but the config's prior expects "
