@@ -388,3 +388,23 @@ def test_register_cli_builds_and_reports(messy_folder: dict, tmp_path: Path, cap
     with pytest.raises(SystemExit):
         parser.parse_args(["folder", "--help"])
     assert "dalle-jax data folder" in capsys.readouterr().out
+
+
+def test_a_small_folder_still_gets_a_validation_image(tmp_path: Path) -> None:
+    """A hash share of 5% of 4 images is usually none; one (the first by hash) goes to validation so the dataset
+    can be trained; a single image is refused, naming the fix."""
+    rng = np.random.default_rng()
+    src = tmp_path / "few"
+    rels = [f"img_{i}.png" for i in range(4)]
+    _write_images(src, rels)
+    for rel in rels:
+        (src / rel).with_suffix(".txt").write_text(random_caption(rng)[0])
+    version_dir, report = build_folder(str(tmp_path / "out"), FolderSpec(str(src), S, seed=int(rng.integers(1000))))
+    splits = read_dataset(version_dir)
+    assert len(splits["validation"]) == 1 and len(splits["train"]) == 3
+    assert report.splits == {"train": 3, "validation": 1}
+    alone = tmp_path / "alone"
+    _write_images(alone, ["only.png"])
+    (alone / "only.txt").write_text("a red square")
+    with pytest.raises(FolderInputError, match="--validation-fraction 0"):
+        build_folder(str(tmp_path / "out_alone"), FolderSpec(str(alone), S))

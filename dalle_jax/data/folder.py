@@ -245,6 +245,21 @@ def assign_split(source: str, validation_fraction: float, seed: int) -> str:
     return "validation" if position < validation_fraction else "train"
 
 
+def assign_splits(sources: list[str], validation_fraction: float, seed: int) -> list[str]:
+    """`assign_split` for every source, except that a non-zero fraction always gives validation at least one
+    image (the one whose hash comes first): a small folder would otherwise build without one and fail in training.
+    """
+    splits = [assign_split(source, validation_fraction, seed) for source in sources]
+    if validation_fraction > 0 and sources and "validation" not in splits:
+        if len(sources) < 2:
+            raise FolderInputError(f"only {len(sources)} usable image: training needs one for validation and at "
+                                   "least one to train on; add images (or pass --validation-fraction 0 to build "
+                                   "a train split alone)")
+        first = min(range(len(sources)), key=lambda i: hashlib.sha256(f"{seed}\0{sources[i]}".encode()).digest())
+        splits[first] = "validation"
+    return splits
+
+
 def _resolve_manifest(spec: FolderSpec) -> Path:
     manifest = Path(spec.manifest).expanduser()
     candidates = [manifest] if manifest.is_absolute() else [manifest, Path(spec.source) / manifest]
@@ -416,8 +431,10 @@ def scan_folder(spec: FolderSpec, progress: bool = False) -> tuple[list[Captione
         if min(img.size) < spec.image_size:
             report.upscaled.append(source)
         items.append(CaptionedImage(str(path), caption))
-        report.splits[assign_split(source, spec.validation_fraction, spec.seed)] += 1
         fingerprint.update(f"{source}\0{caption}\0".encode() + hashlib.sha256(data).digest())
+    for split in assign_splits([_source_name(root, Path(item.path)) for item in items], spec.validation_fraction,
+                               spec.seed):
+        report.splits[split] += 1
     report.kept = len(items)
     report.fingerprint = fingerprint.hexdigest()
     return items, report
@@ -487,9 +504,10 @@ class CaptionedFolder(tfds.core.GeneratorBasedBuilder):
         spec = self.builder_config.spec()
         items = self._items if self._items is not None else scan_folder(spec)[0]
         by_split: dict[str, list[tuple[int, CaptionedImage, str]]] = {"train": [], "validation": []}
-        for example_id, item in enumerate(items):  # ids follow the sorted scan order, across splits
-            source = _source_name(Path(spec.source), Path(item.path))
-            by_split[assign_split(source, spec.validation_fraction, spec.seed)].append((example_id, item, source))
+        sources = [_source_name(Path(spec.source), Path(item.path)) for item in items]
+        splits = assign_splits(sources, spec.validation_fraction, spec.seed)
+        for example_id, (item, source, split) in enumerate(zip(items, sources, splits, strict=True)):
+            by_split[split].append((example_id, item, source))  # ids follow the sorted scan order, across splits
         # TFDS refuses to write an empty split; the report still shows it with count 0.
         return {split: self._generate_examples(rows) for split, rows in by_split.items() if rows}
 
