@@ -8,6 +8,7 @@ convert them and compare outputs on fresh random inputs. They skip when torch or
 import argparse
 import dataclasses
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from flax import nnx
 from dalle_jax import runs
 from dalle_jax.commands.convert import register_openai_dvae
 from dalle_jax.convert import openai_dvae as od
-from dalle_jax.convert.safe_pickle import UnsafePickleError, read_torch_file
+from dalle_jax.convert.safe_pickle import UnsafePickleError, UnsupportedCheckpointError, read_torch_file
 from dalle_jax.models.dvae import DVAE, DVAEConfig, map_pixels
 
 # The smallest dVAE the dall_e package can build (n_hid >= 64, vocab >= 512, n_init >= 8, 4 groups).
@@ -394,3 +395,39 @@ def test_full_size_decoder_matches_reference(reference, released):
     from_one_hot, from_tokens = map(np.asarray, both(dvae, jnp.asarray(one_hot), jnp.asarray(tokens)))
     assert relative_error(from_one_hot.transpose(0, 3, 1, 2), expected) <= 1e-5
     assert relative_error(from_tokens.transpose(0, 3, 1, 2), expected) <= 1e-5
+
+
+BOMB_PEAK = """
+import resource, sys
+from dalle_jax.cli import main
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+code = main(sys.argv[1:])
+print("grew_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, flush=True)
+sys.exit(code)
+"""
+
+
+def test_a_zip_bomb_checkpoint_is_refused_before_inflating(tmp_path):
+    """~0.25 MB of deflated zeros declaring a 256 MB float storage: refused from the zip directory, one line, and
+    the process grows by less than 64 MB (inflating it would take 256 MB)."""
+    numel = 64 << 20
+    storage = b"(Vstorage\nctorch\nFloatStorage\nV0\nVcpu\nI" + str(numel).encode() + b"\ntQ"
+    data_pkl = (b"}Vw\nctorch._utils\n_rebuild_tensor_v2\n(" + storage + b"I0\n(I" + str(numel).encode()
+                + b"\nt(I1\ntI00\nNtRs.")
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", data_pkl)
+        archive.writestr("archive/version", "3\n")
+        with archive.open("archive/data/0", "w", force_zip64=True) as member:
+            zeros = bytes(1 << 20)
+            for _ in range(numel * 4 >> 20):
+                member.write(zeros)
+    assert bomb.stat().st_size < 2 << 20
+    with pytest.raises(UnsupportedCheckpointError, match="zip bomb"):
+        read_torch_file(bomb)
+    result = subprocess.run([sys.executable, "-c", BOMB_PEAK, "convert", "openai-dvae", "--encoder", str(bomb),
+                             "--decoder", str(bomb), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "zip bomb" in errors[0], result.stderr[-2000:]
+    assert float(result.stdout.split("grew_mb")[-1]) < 64

@@ -35,6 +35,7 @@ from dalle_jax import runs
 from dalle_jax.convert.safe_pickle import (
     UnsafePickleError,
     UnsupportedCheckpointError,
+    ZipBombError,
     is_torch_file,
     read_torch_file,
 )
@@ -73,7 +74,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], str | None
     except (UnsafePickleError, UnsupportedCheckpointError) as error:
         # torch's own weights-only loader knows more tensor encodings (newer rebuild functions, dtypes) than
         # ours and also runs no code; a file naming anything outside torch is not handed on.
-        torch_only = isinstance(error, UnsupportedCheckpointError) or (error.global_name or "").startswith("torch.")
+        torch_only = (isinstance(error, UnsupportedCheckpointError) and not isinstance(error, ZipBombError)) or (
+            isinstance(error, UnsafePickleError) and (error.global_name or "").startswith("torch."))
         if suffix in (".pt", ".pth") and torch_only and _torch_available():
             try:
                 return _read_with_torch(path), None

@@ -309,8 +309,32 @@ def read_torch_file(path: str | Path) -> TorchFile:
     return TorchFile({name: materialise(ref) for name, ref in refs.items()}, root_class, attributes)
 
 
+# torch.save writes zip members uncompressed; deflate gains < 2x on real weights. A member that expands more is a
+# zip bomb (1 MB of deflated zeros declares 1 GB): refused from the zip directory, before anything is inflated.
+MAX_COMPRESSION_RATIO = 100
+MAX_PICKLE_BYTES = 64 << 20  # data.pkl holds module structure and tensor headers, never tensor data
+
+
+class ZipBombError(UnsupportedCheckpointError):
+    """A zip member would inflate far beyond its stored size; refused before anything is decompressed (and never
+    handed to another reader)."""
+
+
+def _check_zip_members(path: Path, archive: zipfile.ZipFile) -> None:
+    for info in archive.infolist():
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSION_RATIO * max(
+                info.compress_size, 1):
+            raise ZipBombError(
+                f"{path}: member {info.filename} would inflate {info.compress_size:,} bytes to {info.file_size:,} "
+                f"(more than {MAX_COMPRESSION_RATIO}x): refused as a zip bomb; nothing was decompressed")
+        if info.filename.endswith("/data.pkl") and info.file_size > MAX_PICKLE_BYTES:
+            raise ZipBombError(f"{path}: {info.filename} declares {info.file_size:,} bytes (a torch "
+                                             f"checkpoint's pickle is far below {MAX_PICKLE_BYTES:,}): refused")
+
+
 def _read_zip(path: Path) -> tuple[Any, dict[str, StorageRef], Callable[[StorageRef], bytes]]:
     archive = zipfile.ZipFile(path)
+    _check_zip_members(path, archive)
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
         raise UnsupportedCheckpointError(f"{path}: a torch zip checkpoint has one <root>/data.pkl; found {pickles}")
@@ -325,8 +349,13 @@ def _read_zip(path: Path) -> tuple[Any, dict[str, StorageRef], Callable[[Storage
         name = f"{root}data/{ref.key}"
         if name not in names:
             raise UnsupportedCheckpointError(f"{path}: storage file {name} is missing")
-        raw = archive.read(name)
-        if len(raw) < ref.numel * ref.dtype.itemsize:
+        expected = ref.numel * ref.dtype.itemsize
+        if archive.getinfo(name).file_size < expected:  # checked from the zip directory, before reading
+            raise UnsupportedCheckpointError(f"{path}: storage {name} declares {archive.getinfo(name).file_size} "
+                                             f"bytes, expected {ref.numel} x {ref.dtype.itemsize}")
+        with archive.open(name) as member:
+            raw = member.read(expected)  # never more than the pickle declared
+        if len(raw) < expected:
             raise UnsupportedCheckpointError(f"{path}: storage {name} has {len(raw)} bytes, expected "
                                              f"{ref.numel} x {ref.dtype.itemsize}")
         return raw
