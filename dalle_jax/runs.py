@@ -141,7 +141,7 @@ def load_dvae(run_or_dvae_dir: str | Path, use_ema: bool = True) -> Any:
     key = "ema_params" if use_ema else "params"
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     # keep is only applied when saving; this reader never saves.
-    checkpointer = Checkpointer(checkpoints, save_every=1, keep=1)
+    checkpointer = Checkpointer(checkpoints, save_every=1, keep=1, read_only=True)
     try:
         latest = checkpointer.latest_step()
         if latest is None:

@@ -342,3 +342,16 @@ def test_sigterm_saves_and_rerun_resumes_bitwise(tmp_path):
     assert int(actual["step"]) == total
     for name in ("w", "rng", "step"):
         assert actual[name].tobytes() == expected[name].tobytes()
+
+
+def test_a_read_only_reader_falls_back_without_moving_anything(tmp_path):
+    """sample / encode / reconstruct only read: a corrupt latest checkpoint is skipped but left where it is."""
+    states = {5: random_state(5), 10: random_state(10)}
+    save_steps(tmp_path, states)
+    truncate(tmp_path / "10")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with Checkpointer(tmp_path, save_every=1, keep=1, read_only=True) as reader:
+        step, state, _, _ = reader.restore_latest(abstract_like(states[10]))
+    assert step == 5
+    assert_bitwise_equal(state, states[5])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing renamed, created or deleted

@@ -408,3 +408,23 @@ def test_a_small_folder_still_gets_a_validation_image(tmp_path: Path) -> None:
     (alone / "only.txt").write_text("a red square")
     with pytest.raises(FolderInputError, match="--validation-fraction 0"):
         build_folder(str(tmp_path / "out_alone"), FolderSpec(str(alone), S))
+
+
+def test_pipes_and_caption_problems_are_named(tmp_path: Path) -> None:
+    """A FIFO named like an image is skipped (reading it would hang); a non-UTF-8 caption says to save it as UTF-8;
+    an empty caption file says it is empty."""
+    import os
+
+    src = tmp_path / "src"
+    _write_images(src, ["good.png", "latin1.png", "empty.png", "other.png"])
+    (src / "good.txt").write_text("a red square")
+    (src / "other.txt").write_text("a blue circle")
+    (src / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (src / "empty.txt").write_text("  \n")
+    os.mkfifo(src / "pipe.png")
+    _, report = build_folder(str(tmp_path / "out"), FolderSpec(str(src), S))
+    assert report.skipped["not a regular file"] == ["pipe.png"]
+    assert report.skipped["unreadable caption"] == ["latin1.png"]
+    assert "save it as UTF-8" in report.details["latin1.png"]
+    assert report.skipped["missing caption"] == ["empty.png"] and "empty" in report.details["empty.png"]
+    assert report.kept == 2

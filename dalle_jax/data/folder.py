@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,21 +303,39 @@ def _walk_sorted(root: Path, report: BuildReport) -> list[Path]:
         for name in filenames:
             if name.startswith("."):
                 report.skip("hidden", _source_name(root, base / name))
+            elif _is_special(base / name):  # reading a FIFO named x.png would wait forever
+                report.skip("not a regular file", _source_name(root, base / name), "a pipe, socket or device")
             else:
                 files.append(base / name)
     return sorted(files, key=lambda p: _source_name(root, p))
 
 
+# A caption problem is a report reason, optionally followed by CAPTION_DETAIL and what to do about it.
+CAPTION_DETAIL = " | "
+
+
+def _is_special(path: Path) -> bool:
+    """A FIFO, socket or device (a dangling link is not: reading it fails at once and is reported then)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
 def _read_sidecar(path: Path) -> tuple[str | None, str | None]:
-    """(caption, None) or (None, reason) for the ``name.txt`` beside an image."""
+    """(caption, None) or (None, problem) for the ``name.txt`` beside an image."""
     caption_path = path.with_suffix(".txt")
     if not caption_path.is_file():
         return None, "missing caption"
     try:
         caption = _normalize_caption(caption_path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, OSError):  # not UTF-8, or no permission
-        return None, "unreadable caption"
-    return (caption, None) if caption else (None, "missing caption")
+    except UnicodeDecodeError as err:
+        detail = f"{caption_path.name} is not UTF-8 (byte {err.start}); save it as UTF-8"
+        return None, f"unreadable caption{CAPTION_DETAIL}{detail}"
+    except OSError as err:  # no permission
+        return None, f"unreadable caption{CAPTION_DETAIL}{err.strerror or err}"
+    return (caption, None) if caption else (None, f"missing caption{CAPTION_DETAIL}{caption_path.name} is empty")
 
 
 def _manifest_entries(manifest: Path, report: BuildReport) -> list[tuple[Path, str | None, str | None]]:
@@ -418,7 +437,8 @@ def scan_folder(spec: FolderSpec, progress: bool = False) -> tuple[list[Captione
             report.skip("corrupt", source, str(err))
             continue
         if caption_problem is not None:
-            report.skip(caption_problem, source)
+            reason, _, detail = caption_problem.partition(CAPTION_DETAIL)
+            report.skip(reason, source, detail or None)
             continue
         try:
             img = _decode(data)

@@ -51,6 +51,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax import lax
 
+from dalle_jax.errors import DalleJaxError
+
 logger = logging.getLogger(__name__)
 
 PyTree = Any
@@ -58,7 +60,7 @@ STATE, DATA_ITERATOR, META, FINGERPRINTS = "state", "data_iterator", "meta", "fi
 CORRUPT_SUFFIX = ".corrupt"
 
 
-class CheckpointRestoreError(RuntimeError):
+class CheckpointRestoreError(DalleJaxError, RuntimeError):
     """A checkpoint could not be restored; `path` names its directory (None when several failed)."""
 
     def __init__(self, message: str, path: epath.Path | None = None, step: int | None = None):
@@ -181,12 +183,14 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3, async_save: bool = True,
-                 verify: bool = True):
+                 verify: bool = True, read_only: bool = False):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every={save_every} and keep={keep} must both be >= 1")
         directory = str(directory)
         self._directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         self._verify = verify
+        # A reader (sample, encode, reconstruct) changes nothing on disk: no tmp clean-up, no corrupt step moved aside.
+        self._read_only = read_only
         # Orbax deletes unfinished (tmp) step directories when the manager starts; note them first so that
         # restore_latest can say what it ignored.
         self._partial = sorted(self._find_partial()) if self._directory.exists() else []
@@ -198,8 +202,9 @@ class Checkpointer:
             ]),
             preservation_policy=policies.LatestN(n=keep),
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         handlers = {STATE: ocp.StandardCheckpointHandler(), DATA_ITERATOR: ocp.JsonCheckpointHandler(),
                     META: ocp.JsonCheckpointHandler(), FINGERPRINTS: ocp.JsonCheckpointHandler()}
@@ -329,15 +334,17 @@ class Checkpointer:
                 failures.append(error)
                 continue
             for error in failures:
-                logger.warning("checkpoint %s could not be restored; fell back to step %d (%s); moving it aside "
-                               "to %s%s", error.path, step, self.step_directory(step), error.path, CORRUPT_SUFFIX)
-            self._quarantine([error.step for error in failures])
+                logger.warning("checkpoint %s could not be restored; fell back to step %d (%s)%s", error.path, step,
+                               self.step_directory(step),
+                               "" if self._read_only else f"; moving it aside to {error.path}{CORRUPT_SUFFIX}")
+            if not self._read_only:
+                self._quarantine([error.step for error in failures])
             self._log_partial(f"fell back to step {step} ({self.step_directory(step)})", newer_than=step)
             return restored
         if failures:
-            listing = "\n".join(f"  {error.path}: {error}" for error in failures)
+            listing = "; ".join(f"{error.path}: {error}" for error in failures)
             raise CheckpointRestoreError(f"none of the {len(failures)} checkpoints in {self._directory} could be "
-                                         f"restored:\n{listing}")
+                                         f"restored: {listing}")
         self._log_partial("no complete checkpoint; starting from scratch", newer_than=-1)
         return None
 

@@ -294,6 +294,10 @@ class Loop:
             if restored.data_iterator:
                 batches.set_state(restored.data_iterator)
             log.info("%s: resumed from step %d (%s)", self.name, start, self.checkpoint_dir)
+        dropped = writer.drop_after(start)  # rows a crash or a fallback left beyond the checkpoint are redone
+        if dropped:
+            log.info("%s: dropped %d metrics rows after step %d (they will be logged again)", self.name, dropped,
+                     start)
         bar = tqdm(total=self.steps, initial=start, desc=self.name, disable=not progress or jax.process_index() != 0,
                    dynamic_ncols=True)
         last_metrics: dict = {}
@@ -367,7 +371,7 @@ def load_trained(checkpoint_dir: Path, model_fn: Callable[[], nnx.Module], optim
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     if not Path(checkpoint_dir).is_dir():
         raise FileNotFoundError(f"{checkpoint_dir} does not exist: train that stage first")
-    checkpoints = Checkpointer(Path(checkpoint_dir), save_every=1, keep=1)  # a reader: never saves
+    checkpoints = Checkpointer(Path(checkpoint_dir), save_every=1, keep=1, read_only=True)  # a reader: never saves
     try:
         restored = checkpoints.restore_latest(abstract)
     finally:

@@ -43,6 +43,17 @@ class MetricWriter:
                 self._tb.add_scalar(k, v, int(step))
         return clean
 
+    def drop_after(self, step: int) -> int:
+        """Removes the metrics.jsonl rows of steps after `step` (a resumed run logs those steps again); returns
+        how many were removed."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        rows = self.path.read_text().splitlines(keepends=True)
+        kept = [row for row in rows if not row.strip() or json.loads(row).get("step", 0) <= step]
+        if len(kept) != len(rows):
+            self.path.write_text("".join(kept))
+        return len(rows) - len(kept)
+
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         """uint8 (H, W, 3) image, e.g. a reconstruction grid."""
         if self.enabled and self._tb is not None:
