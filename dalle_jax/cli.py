@@ -81,11 +81,24 @@ def _setup_logging() -> None:
     """Our INFO lines (resume, fallbacks, summaries) to stderr, whatever absl did to the root logger."""
     logger = logging.getLogger("dalle_jax")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to `sys.stderr` as it is when the record is emitted, not as it was when the handler was
+    made: `main` may run several times in one process (tests, notebooks), each time with another stderr."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns one; the current stderr is used instead
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
