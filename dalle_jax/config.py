@@ -19,7 +19,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from dalle_jax.errors import ConfigError
 from dalle_jax.models.clip import CLIPConfig
@@ -73,13 +73,11 @@ class TextConfig:
             raise ConfigError("text.text_len and text.vocab_size must be positive")
 
 
-# The config section each train config is, for error messages.
-_SECTION = {"DVAETrainConfig": "dvae_train", "PriorTrainConfig": "prior_train", "ClipTrainConfig": "clip_train"}
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Loop settings shared by every trainer."""
+
+    section: ClassVar[str] = "train"  # the Config field holding it, for error messages (not a config field)
 
     batch_size: int = 32  # global batch, split over (data, fsdp)
     steps: int = 1000
@@ -99,7 +97,7 @@ class TrainConfig:
         if min(counts) < 1:
             raise ConfigError("log_every, eval_every, save_every, keep_checkpoints and max_nonfinite_steps must be "
                               ">= 1")
-        section = _SECTION.get(type(self).__name__, "train")
+        section = self.section
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -118,6 +116,8 @@ class TrainConfig:
 class DVAETrainConfig(TrainConfig):
     """The paper's dVAE recipe (appendix A). Schedule lengths are the paper's at 1.2M updates;
     `scaled_to(steps)` keeps their proportions for shorter runs."""
+
+    section: ClassVar[str] = "dvae_train"
 
     batch_size: int = 512
     steps: int = 1_200_000
@@ -159,8 +159,6 @@ class DVAETrainConfig(TrainConfig):
             raise ConfigError(f"dvae_train.temperature_schedule='{self.temperature_schedule}': cosine or linear")
         if self.likelihood not in ("logit_laplace", "mse"):
             raise ConfigError(f"dvae_train.likelihood='{self.likelihood}': logit_laplace or mse")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"dvae_train.ema_decay={self.ema_decay} must be in [0, 1)")
         if self.revive_every < 0 or not 0 < self.revive_until <= 1:
             raise ConfigError(f"dvae_train.revive_every={self.revive_every} must be >= 0 (0 = off) and "
                               f"revive_until={self.revive_until} in (0, 1]")
@@ -176,6 +174,8 @@ class DVAETrainConfig(TrainConfig):
 @dataclasses.dataclass(frozen=True)
 class PriorTrainConfig(TrainConfig):
     """The paper's prior recipe (section 2.4 / appendix B)."""
+
+    section: ClassVar[str] = "prior_train"
 
     batch_size: int = 1024
     steps: int = 430_000
@@ -219,6 +219,8 @@ class ClipTrainConfig(TrainConfig):
     """The reranker's contrastive recipe, after CLIP (Radford et al. 2021; DALL·E itself used OpenAI's CLIP):
     AdamW (0.9, 0.98, 1e-6), wd 0.2 on matrices only, linear warm-up then cosine decay, batch 32768."""
 
+    section: ClassVar[str] = "clip_train"
+
     batch_size: int = 32768  # global; every other example in the batch is a negative
     steps: int = 390_000  # CLIP: 32 epochs of 400M pairs
     learning_rate: float = 5e-4
@@ -242,10 +244,8 @@ class ClipTrainConfig(TrainConfig):
         super().__post_init__()
         if self.retrieval_batch < 2:
             raise ConfigError(f"clip_train.retrieval_batch={self.retrieval_batch} must be >= 2")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"clip_train.ema_decay={self.ema_decay} must be in [0, 1)")
-        if self.clip_norm < 0 or self.warmup_steps < 0:
-            raise ConfigError("clip_train.clip_norm and clip_train.warmup_steps must be >= 0")
+        if self.warmup_steps < 0:  # ema_decay and clip_norm: TrainConfig's checks
+            raise ConfigError(f"clip_train.warmup_steps={self.warmup_steps} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

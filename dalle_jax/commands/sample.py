@@ -103,12 +103,11 @@ def _sample(args: argparse.Namespace) -> int:
     check_counts(args.num_samples, args.top, args.batch_size)
     if not 0 <= args.seed < 2**32:
         raise SampleInputError(f"--seed {args.seed} must be in [0, 2^32)")
-    if args.image_prefix:
-        read_image(args.image_prefix)
+    image = read_image(args.image_prefix) if args.image_prefix else None
     mesh = sampling_mesh(args.mesh)  # all of these before loading anything
     writer = SampleWriter(args.out_dir, args.seed)
     run = load_run(args.run, dvae=args.dvae, prior=args.prior, clip=args.clip, rerank=not args.no_rerank)
-    prefix = prefix_from_image(run, args.image_prefix, args.prefix_rows) if args.image_prefix else None
+    prefix = prefix_from_image(run, image, args.prefix_rows) if image is not None else None
     # A parameter the mesh cannot shard raises ShardingError, printed by the entry point like every input error.
     sample_and_rerank(run, prompts, num_samples=args.num_samples, top=args.top, seed=args.seed, sample_config=cfg,
                       batch_size=args.batch_size, prefix=prefix, mesh=mesh, progress=not args.quiet,

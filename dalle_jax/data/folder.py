@@ -239,11 +239,15 @@ def _source_name(root: Path, path: Path) -> str:
         return path.as_posix()
 
 
+def _split_position(source: str, seed: int) -> float:
+    """Where a path falls in [0, 1), from a salted hash of the path alone."""
+    digest = hashlib.sha256(f"{seed}\0{source}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 def assign_split(source: str, validation_fraction: float, seed: int) -> str:
     """``"validation"`` or ``"train"`` from a hash of the path alone, so adding files moves no others."""
-    digest = hashlib.sha256(f"{seed}\0{source}".encode()).digest()
-    position = int.from_bytes(digest[:8], "big") / 2.0**64  # uniform in [0, 1)
-    return "validation" if position < validation_fraction else "train"
+    return "validation" if _split_position(source, seed) < validation_fraction else "train"
 
 
 def assign_splits(sources: list[str], validation_fraction: float, seed: int) -> list[str]:
@@ -256,7 +260,7 @@ def assign_splits(sources: list[str], validation_fraction: float, seed: int) -> 
             raise FolderInputError(f"only {len(sources)} usable image: training needs one for validation and at "
                                    "least one to train on; add images (or pass --validation-fraction 0 to build "
                                    "a train split alone)")
-        first = min(range(len(sources)), key=lambda i: hashlib.sha256(f"{seed}\0{sources[i]}".encode()).digest())
+        first = min(range(len(sources)), key=lambda i: _split_position(sources[i], seed))
         splits[first] = "validation"
     return splits
 
@@ -310,10 +314,6 @@ def _walk_sorted(root: Path, report: BuildReport) -> list[Path]:
     return sorted(files, key=lambda p: _source_name(root, p))
 
 
-# A caption problem is a report reason, optionally followed by CAPTION_DETAIL and what to do about it.
-CAPTION_DETAIL = " | "
-
-
 def _is_special(path: Path) -> bool:
     """A FIFO, socket or device (a dangling link is not: reading it fails at once and is reported then)."""
     try:
@@ -323,22 +323,26 @@ def _is_special(path: Path) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
 
 
-def _read_sidecar(path: Path) -> tuple[str | None, str | None]:
+# Why an image has no caption: (report reason, detail saying what to do, or None).
+CaptionProblem = tuple[str, str | None]
+
+
+def _read_sidecar(path: Path) -> tuple[str | None, CaptionProblem | None]:
     """(caption, None) or (None, problem) for the ``name.txt`` beside an image."""
     caption_path = path.with_suffix(".txt")
     if not caption_path.is_file():
-        return None, "missing caption"
+        return None, ("missing caption", None)
     try:
         caption = _normalize_caption(caption_path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as err:
         detail = f"{caption_path.name} is not UTF-8 (byte {err.start}); save it as UTF-8"
-        return None, f"unreadable caption{CAPTION_DETAIL}{detail}"
+        return None, ("unreadable caption", detail)
     except OSError as err:  # no permission
-        return None, f"unreadable caption{CAPTION_DETAIL}{err.strerror or err}"
-    return (caption, None) if caption else (None, f"missing caption{CAPTION_DETAIL}{caption_path.name} is empty")
+        return None, ("unreadable caption", str(err.strerror or err))
+    return (caption, None) if caption else (None, ("missing caption", f"{caption_path.name} is empty"))
 
 
-def _manifest_entries(manifest: Path, report: BuildReport) -> list[tuple[Path, str | None, str | None]]:
+def _manifest_entries(manifest: Path, report: BuildReport) -> list[tuple[Path, str | None, CaptionProblem | None]]:
     """Parses the manifest into (image path, caption or None, problem) rows; bad lines go to the report."""
     name = manifest.name
     try:
@@ -380,7 +384,7 @@ def _manifest_entries(manifest: Path, report: BuildReport) -> list[tuple[Path, s
             report.skip("missing file", f"{where}: {raw_path.strip()}", "no such file")
             continue
         caption = _normalize_caption(caption) if caption is not None else ""
-        rows.append((path, caption or None, None if caption else "missing caption"))
+        rows.append((path, caption or None, None if caption else ("missing caption", None)))
     return rows
 
 
@@ -437,8 +441,7 @@ def scan_folder(spec: FolderSpec, progress: bool = False) -> tuple[list[Captione
             report.skip("corrupt", source, str(err))
             continue
         if caption_problem is not None:
-            reason, _, detail = caption_problem.partition(CAPTION_DETAIL)
-            report.skip(reason, source, detail or None)
+            report.skip(caption_problem[0], source, caption_problem[1])
             continue
         try:
             img = _decode(data)

@@ -140,14 +140,14 @@ def read_image(path: str | Path, flag: str = "--image-prefix") -> Any:
         raise SampleInputError(f"{flag} {path}: not a readable image ({error})") from None
 
 
-def prefix_from_image(run: LoadedRun, path: str | Path, rows: int) -> np.ndarray:
-    """An image file of any size or mode -> the dVAE tokens of its top `rows` rows, (rows, grid)."""
+def prefix_from_image(run: LoadedRun, image: Any, rows: int) -> np.ndarray:
+    """An image (PIL, from `read_image`) of any size or mode -> the dVAE tokens of its top `rows` rows, (rows, grid)."""
     from dalle_jax.data.folder import preprocess_image
 
     if not 0 < rows < run.grid:
         raise SampleInputError(f"--prefix-rows {rows} must be between 1 and {run.grid - 1} (the grid has "
                                f"{run.grid} rows; at least one must be generated)")
-    pixels, _ = preprocess_image(read_image(path), run.image_size)  # as the dataset builders do
+    pixels, _ = preprocess_image(image, run.image_size)  # as the dataset builders do
     tokens = run.dvae.encode(jnp.asarray(pixels[None], jnp.float32) / 255.0)
     return np.asarray(tokens)[0, :rows]  # (rows, grid)
 
@@ -172,9 +172,9 @@ def decode_images(run: LoadedRun, tokens: np.ndarray) -> np.ndarray:
     return np.asarray(_decode(run.dvae, jnp.asarray(grid)))
 
 
-def clip_scores(run: LoadedRun, images: np.ndarray, prompt: str) -> np.ndarray:
-    """CLIP cosine similarity of each image with the prompt, (B,)."""
-    ids = run.clip_tokenizer.encode([prompt] * len(images))
+def clip_scores(run: LoadedRun, images: np.ndarray, prompt_ids: np.ndarray) -> np.ndarray:
+    """CLIP cosine similarity of each image with the prompt (its CLIP token ids, (1, T)), (B,)."""
+    ids = np.broadcast_to(prompt_ids, (len(images), prompt_ids.shape[-1]))
     return np.asarray(_clip_scores(run.clip, jnp.asarray(images), jnp.asarray(ids)))
 
 
@@ -225,6 +225,7 @@ def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, t
     results = []
     for p, prompt in enumerate(prompts):
         kept: list[RankedSample] = []
+        clip_ids = None if run.clip is None else run.clip_tokenizer.encode([prompt])  # once per prompt
         for start in range(0, drawn, batch_size):
             count = min(batch_size, drawn - start)
             batch_prefix = None if prefix is None else np.broadcast_to(prefix, (count, *prefix.shape))
@@ -234,7 +235,7 @@ def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, t
             if run.clip is None:
                 kept += [RankedSample(images[i], None, start + i) for i in range(count)]
             else:
-                scores = clip_scores(run, images, prompt)
+                scores = clip_scores(run, images, clip_ids)
                 kept += [RankedSample(images[i], float(scores[i]), start + i) for i in range(count)]
                 kept = sorted(kept, key=lambda c: (-c.clip_score, c.sample_index))[:top]
             bar.update(count)

@@ -218,7 +218,8 @@ class NonfiniteSteps:
     """Counts the train step's skipped (non-finite) steps without a host sync per step.
 
     Each step's device-side flag is kept and read only where the loop syncs anyway (logging) or must know
-    (before a checkpoint is written); `diverged` is true once `limit` consecutive steps were non-finite.
+    (before a checkpoint is written), so a streak is noticed at the next log or save; `diverged` is then true once
+    `limit` consecutive steps were non-finite (skipped steps change nothing, so noticing later loses nothing).
     """
 
     def __init__(self, name: str, limit: int):
@@ -228,12 +229,10 @@ class NonfiniteSteps:
 
     def add(self, step: int, metrics: dict) -> None:
         self.pending.append((step, metrics["nonfinite"], metrics))
-        if len(self.pending) > self.limit:  # only the last `limit` matter for the streak; count the rest now
-            self.settle(keep=self.limit)
 
-    def settle(self, keep: int = 0) -> None:
-        """Reads the flags of all but the last `keep` pending steps."""
-        ready, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+    def settle(self) -> None:
+        """Reads the pending flags (one transfer) and updates the streak and the total."""
+        ready, self.pending = self.pending, []
         for (step, _, metrics), value in zip(ready, jax.device_get([f for _, f, _ in ready]), strict=True):
             if float(value) > 0:
                 self.total += 1

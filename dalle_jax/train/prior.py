@@ -193,7 +193,8 @@ def train_prior(config: Config, token_dir: str | Path, tokenizer_path: str | Pat
                                                                        text_vocab),
         train_source=open_split(token_dir, "train"),
         transform=token_transform(tokenizer, True, cfg.caption_dropout), device_keys=("text", "image_tokens"),
-        make_eval=make_eval, tokenizer=tokenizer, scalars=lambda step: {"lr_schedule": float(schedule(step))},
+        make_eval=make_eval, tokenizer=tokenizer, batch_checks=(cfg.batch_size // cfg.microbatches,),
+        scalars=lambda step: {"lr_schedule": float(schedule(step))},
         tokens_per_example=model_cfg.seq_len,
         curves=(("loss_curve.png", ("image_loss", "eval/image_loss", "eval/image_loss_heldout",
                                     "eval/uniform_image_loss"), "prior image-token loss (nats)"),))

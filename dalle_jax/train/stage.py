@@ -54,7 +54,7 @@ class Stage:
     device_keys: tuple[str, ...]  # the host batch's fields the step takes
     make_eval: EvalFactory
     tokenizer: TextTokenizer | None = None  # saved beside the model when the stage reads captions
-    batch_checks: tuple[int, ...] = ()  # further global batches the mesh must divide (eval batches)
+    batch_checks: tuple[int, ...] = ()  # further global batches the mesh must divide (microbatches, eval batches)
     scalars: Callable[[int], dict] | None = None  # host-side values logged with the metrics (schedules)
     tokens_per_example: int | None = None  # adds tokens_per_s to the logs
     curves: tuple[tuple[str, tuple[str, ...], str], ...] = ()  # (PNG name, metric keys, title) after training
@@ -114,7 +114,7 @@ def run_stage(stage: Stage, config: Config, run_dir: str | Path, *, progress: bo
 
     mesh = sharding.make_mesh(config.mesh)
     rules = config.mesh.rules
-    for batch in (cfg.batch_size // getattr(cfg, "microbatches", 1), *stage.batch_checks):
+    for batch in (cfg.batch_size, *stage.batch_checks):
         sharding.check_batch(batch, mesh, rules, jax.process_count())
     batches = Pipeline(stage.train_source, global_batch=cfg.batch_size, seed=cfg.seed, transform=stage.transform,
                        read_threads=config.data.read_threads, prefetch=config.data.prefetch)
