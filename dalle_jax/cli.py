@@ -5,6 +5,7 @@ and can be rerun. Errors a user can fix (`dalle_jax.errors.DalleJaxError`, a mis
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -122,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (DalleJaxError, FileNotFoundError) as e:  # the message names the field or file and the fix
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # Outside a checkpoint save (which says more, see train.checkpoint): metrics, images, samples, datasets.
+        print(f"error: disk full writing {e.filename or 'output'}: free space and rerun the same command (a "
+              "training command resumes from its last checkpoint)", file=sys.stderr)
         return 2
 
 

@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -58,6 +60,8 @@ logger = logging.getLogger(__name__)
 PyTree = Any
 STATE, DATA_ITERATOR, META, FINGERPRINTS = "state", "data_iterator", "meta", "fingerprints"
 CORRUPT_SUFFIX = ".corrupt"
+# Free space asked beyond the checkpoint's own size: Orbax's metadata files and the filesystem's block rounding.
+SAVE_HEADROOM_BYTES = 1 << 20
 
 
 class CheckpointRestoreError(DalleJaxError, RuntimeError):
@@ -66,6 +70,11 @@ class CheckpointRestoreError(DalleJaxError, RuntimeError):
     def __init__(self, message: str, path: epath.Path | None = None, step: int | None = None):
         super().__init__(message)
         self.path, self.step = path, step
+
+
+class CheckpointSaveError(DalleJaxError, RuntimeError):
+    """A checkpoint could not be written (disk full, permissions, a dead filesystem). The message says which step
+    failed, which step is the last complete one, and how to resume."""
 
 
 class Restored(NamedTuple):
@@ -189,6 +198,8 @@ class Checkpointer:
         directory = str(directory)
         self._directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         self._verify = verify
+        self._saving: int | None = None  # the step of the last save handed to Orbax, for error messages
+        _install_noise_filters()
         # A reader (sample, encode, reconstruct) changes nothing on disk: no tmp clean-up, no corrupt step moved aside.
         self._read_only = read_only
         # Orbax deletes unfinished (tmp) step directories when the manager starts; note them first so that
@@ -231,12 +242,27 @@ class Checkpointer:
         return self._manager.should_save(step)
 
     def wait(self) -> None:
-        """Blocks until any async save has been written and committed; raises its error if it failed."""
-        self._manager.wait_until_finished()
+        """Blocks until any async save has been written and committed.
+
+        Raises:
+            CheckpointSaveError: that save failed (its tmp directory is left for Orbax to remove next start).
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 - whatever Orbax/tensorstore raised, said in one line
+            raise self._save_error(self._saving, error) from error
 
     def close(self) -> None:
-        """Waits for pending saves and releases Orbax's threads."""
+        """Waits for pending saves and releases Orbax's threads (raises `CheckpointSaveError` like `wait`)."""
+        self.wait()
         self._manager.close()
+
+    def abandon(self) -> None:
+        """Releases Orbax's threads after an error, without raising again for a save that already failed."""
+        try:
+            self._manager.close()
+        except Exception:  # noqa: BLE001 - the caller is already reporting an error; a second would hide it
+            logger.debug("ignored an error while closing %s after a failure", self._directory, exc_info=True)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -258,16 +284,54 @@ class Checkpointer:
             return False
         if not force and not self.should_save(step):
             return False
+        self.wait()  # the previous async save must be complete (and its error reported) before the space check
+        self._check_free_space(step, state)
         args = ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state),
             DATA_ITERATOR: ocp.args.JsonSave(data_iterator),
             META: ocp.args.JsonSave(dict(meta or {})),
             FINGERPRINTS: ocp.args.JsonSave(fingerprints(state) if self._verify else None),
         })
-        saved = self._manager.save(step, args=args, force=True)
+        self._saving = step
+        try:
+            saved = self._manager.save(step, args=args, force=True)
+        except Exception as error:  # noqa: BLE001 - see wait()
+            raise self._save_error(step, error) from error
         if saved:
             logger.info("saving checkpoint %s%s", self.step_directory(step), " (forced)" if force else "")
         return saved
+
+    def _check_free_space(self, step: int, state: PyTree) -> None:
+        """Refuses a save that cannot fit on a local disk before Orbax starts writing.
+
+        A write that runs out of space part-way fails inside Orbax's background threads, which print hundreds of
+        lines of asyncio tracebacks; checking first turns the common case into one line. The need is the size of
+        the last complete checkpoint on disk (exact, compression included), else the arrays' bytes. Remote paths
+        (gs://) have no free-space figure and are not checked.
+        """
+        if "://" in str(self._directory) or not self._directory.exists():
+            return
+        latest = self.latest_step()
+        needed = _tree_size(self.step_directory(latest)) if latest is not None else 0
+        if not needed:
+            needed = sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(state))
+        needed += SAVE_HEADROOM_BYTES
+        free = shutil.disk_usage(self._directory).free
+        if free < needed:
+            raise self._save_error(step, f"disk full: {free / 2**20:.1f} MiB free, a checkpoint needs about "
+                                         f"{needed / 2**20:.1f} MiB")
+
+    def _save_error(self, step: int | None, reason: BaseException | str) -> CheckpointSaveError:
+        """One line: what failed, what is safe on disk, how to go on."""
+        if not isinstance(reason, str):
+            _quiet_failed_save()
+        complete = [s for s in self.all_steps() if step is None or s < step]
+        kept = (f"the last complete checkpoint is step {complete[-1]} ({self.step_directory(complete[-1])}); "
+                "free space and rerun the same command to resume from it" if complete else
+                "no checkpoint was completed; free space and rerun the same command to start again")
+        what = f"could not save checkpoint step {step}" if step is not None else "could not save a checkpoint"
+        return CheckpointSaveError(f"{what} in {self._directory}: "
+                                   f"{_reason(reason)}; {kept}")
 
     # ---- restore
 
@@ -379,6 +443,85 @@ class Checkpointer:
                 source.rename(target)
         ocp.multihost.sync_global_processes(f"dalle_jax_checkpoint_quarantine_{'_'.join(map(str, steps))}")
         self._manager.reload()
+
+
+class _OrbaxSaveFailureNoise(logging.Filter):
+    """Orbax logs a failed background write at ERROR with a full traceback from each thread it passes through
+    (hundreds of lines for one full disk), before the loop learns of it; `wait()` reports the same failure as
+    one `CheckpointSaveError` line, so these records go to this module's logger at DEBUG instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info and "orbax" in record.pathname:
+            logger.debug("orbax: %s", record.getMessage(), exc_info=record.exc_info)
+            return False
+        return True
+
+
+_save_failed = False
+
+
+def _quiet_failed_save() -> None:
+    """After a failed save has been reported: the coroutines Orbax left behind report the same error again
+    when they are collected ("Task exception was never retrieved", "Exception ignored in ... write_fragment")."""
+    global _save_failed
+    _save_failed = True
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+def _is_orbax_leftover(unraisable: Any) -> bool:
+    """An unraisable exception left by a failed Orbax save: tensorstore finishing a write after the save's event
+    loop closed on the first error ("Event loop is closed" in call_soon_threadsafe, dozens of them), or, once the
+    failure was reported, Orbax's abandoned coroutines being collected."""
+    frames, tb = [], unraisable.exc_traceback
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    if (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+            and any(code.co_name == "call_soon_threadsafe" for code in frames)):
+        return True
+    return _save_failed and ("orbax" in repr(unraisable.object)
+                             or any("orbax" in code.co_filename for code in frames))
+
+
+def _install_noise_filters() -> None:
+    """Once per process: Orbax's noise about a failed background write goes to DEBUG (see above)."""
+    if getattr(sys.unraisablehook, "dalle_jax_filter", False):
+        return
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if _is_orbax_leftover(unraisable):
+            logger.debug("ignored after a failed save: %r", unraisable.exc_value)
+        else:
+            default_hook(unraisable)
+
+    hook.dalle_jax_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    logging.getLogger("absl").addFilter(_OrbaxSaveFailureNoise())
+
+
+
+
+def _reason(reason: BaseException | str) -> str:
+    """Why a save failed, short: tensorstore's messages bury "No space left on device" after a long path."""
+    if isinstance(reason, str):
+        return reason
+    text = str(reason)
+    if "No space left on device" in text or "os_error_code='28'" in text:
+        return "disk full (No space left on device)"
+    return _short(reason, 200)
+
+
+def _tree_size(path: epath.Path) -> int:
+    """Bytes of the files under a local directory (0 if it is gone)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def _short(error: BaseException, limit: int = 400) -> str:

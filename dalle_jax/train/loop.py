@@ -15,6 +15,7 @@ metrics, TensorBoard and the progress bar are process 0's; a SIGTERM on any host
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -32,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dalle_jax import distributed, sharding
 from dalle_jax.errors import DalleJaxError
 from dalle_jax.models.init import build_pooled
-from dalle_jax.train.checkpoint import Checkpointer, PreemptionGuard
+from dalle_jax.train.checkpoint import Checkpointer, CheckpointSaveError, PreemptionGuard
 from dalle_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -303,49 +304,56 @@ class Loop:
         window_start, window_steps = time.perf_counter(), 0
         step = start
         nonfinite = NonfiniteSteps(self.name, self.max_nonfinite_steps)
-        with PreemptionGuard() as guard:
-            while step < self.steps:
-                state, metrics = train_step(state, to_device(next(batches)))
-                step += 1
-                window_steps += 1
-                bar.update(1)
-                nonfinite.add(step, metrics)
-                if step % self.log_every == 0 or step == self.steps:
-                    host_metrics = jax.device_get(metrics)  # waits for the steps, so the timing below is real
-                    elapsed = time.perf_counter() - window_start
-                    nonfinite.settle()
-                    host_metrics.pop("nonfinite", None)
-                    scalars = {**host_metrics, **(extra_scalars(step) if extra_scalars else {}),
-                               "nonfinite_steps": nonfinite.total,
-                               "examples_per_s": window_steps * batch_size / max(elapsed, 1e-9)}
-                    if tokens_per_example:
-                        scalars["tokens_per_s"] = scalars["examples_per_s"] * tokens_per_example
-                    last_metrics = writer.scalars(step, scalars)
-                    bar.set_postfix(loss=f"{last_metrics['loss']:.4f}")
-                    window_start, window_steps = time.perf_counter(), 0
-                if evaluate is not None and (step % self.eval_every == 0 or step == self.steps):
-                    last_metrics.update(writer.scalars(step, {f"eval/{k}": v for k, v in
-                                                              evaluate(state, step).items()}))
-                stop = guard.should_stop(step)  # multi-host: the same answer on every host (see PreemptionGuard)
-                saving = checkpoints.should_save(step) or step == self.steps or stop
-                if nonfinite.diverged(settle=saving):
-                    bar.close()
-                    checkpoints.close()
-                    writer.close()
-                    raise DivergenceError(nonfinite.message(checkpoints.latest_step()))
-                if saving:
-                    iterator_state = batches.get_state()
-                    # Orbax writes JSON items from process 0 only and every host restores that copy. That is
-                    # right because the Grain state is a position in the host-sliced stream, the same on every
-                    # host; checked, since a per-host state would silently resume the others at host 0's rows.
-                    distributed.check_same_on_all_hosts(iterator_state, "the data iterator state")
-                    checkpoints.save(step, state, data_iterator=iterator_state,
-                                     meta={"step": step, "time": time.time()}, force=True)
-                if stop:
-                    log.warning("%s: stop requested (signal); saved step %d, exiting", self.name, step)
-                    break
+        try:
+            with PreemptionGuard() as guard:
+                while step < self.steps:
+                    state, metrics = train_step(state, to_device(next(batches)))
+                    step += 1
+                    window_steps += 1
+                    bar.update(1)
+                    nonfinite.add(step, metrics)
+                    if step % self.log_every == 0 or step == self.steps:
+                        host_metrics = jax.device_get(metrics)  # waits for the steps, so the timing below is real
+                        elapsed = time.perf_counter() - window_start
+                        nonfinite.settle()
+                        host_metrics.pop("nonfinite", None)
+                        scalars = {**host_metrics, **(extra_scalars(step) if extra_scalars else {}),
+                                   "nonfinite_steps": nonfinite.total,
+                                   "examples_per_s": window_steps * batch_size / max(elapsed, 1e-9)}
+                        if tokens_per_example:
+                            scalars["tokens_per_s"] = scalars["examples_per_s"] * tokens_per_example
+                        last_metrics = writer.scalars(step, scalars)
+                        bar.set_postfix(loss=f"{last_metrics['loss']:.4f}")
+                        window_start, window_steps = time.perf_counter(), 0
+                    if evaluate is not None and (step % self.eval_every == 0 or step == self.steps):
+                        last_metrics.update(writer.scalars(step, {f"eval/{k}": v for k, v in
+                                                                  evaluate(state, step).items()}))
+                    stop = guard.should_stop(step)  # multi-host: the same answer on every host (see PreemptionGuard)
+                    saving = checkpoints.should_save(step) or step == self.steps or stop
+                    if nonfinite.diverged(settle=saving):
+                        bar.close()
+                        checkpoints.close()
+                        writer.close()
+                        raise DivergenceError(nonfinite.message(checkpoints.latest_step()))
+                    if saving:
+                        iterator_state = batches.get_state()
+                        # Orbax writes JSON items from process 0 only and every host restores that copy. That is
+                        # right because the Grain state is a position in the host-sliced stream, the same on every
+                        # host; checked, since a per-host state would silently resume the others at host 0's rows.
+                        distributed.check_same_on_all_hosts(iterator_state, "the data iterator state")
+                        checkpoints.save(step, state, data_iterator=iterator_state,
+                                         meta={"step": step, "time": time.time()}, force=True)
+                    if stop:
+                        log.warning("%s: stop requested (signal); saved step %d, exiting", self.name, step)
+                        break
+            checkpoints.wait()  # the last (async) save is on disk before the run reports success
+        except CheckpointSaveError:  # one line from the CLI; Orbax's threads are stopped, nothing else is written
+            bar.close()
+            with contextlib.suppress(OSError):  # the disk that refused the checkpoint may refuse the events too
+                writer.close()
+            checkpoints.abandon()
+            raise
         bar.close()
-        checkpoints.wait()
         checkpoints.close()
         writer.close()
         distributed.barrier(f"dalle_jax_{self.name}_done")  # no host leaves while another still saves
