@@ -355,3 +355,48 @@ def test_a_read_only_reader_falls_back_without_moving_anything(tmp_path):
     assert step == 5
     assert_bitwise_equal(state, states[5])
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing renamed, created or deleted
+
+
+def test_an_error_mid_run_finishes_the_save_in_flight_and_stops_orbax(tmp_path):
+    """Bad data (or any error) right after an async save: the error propagates, the save it overlapped is complete
+    on disk, and Orbax's threads are stopped (they used to print after the CLI's error line)."""
+    from dalle_jax.errors import DatasetError
+    from dalle_jax.train.loop import Loop, StateSpec
+
+    class BatchesThatBreak:
+        def __init__(self, fail_at: int):
+            self.position, self.fail_at = 0, fail_at
+
+        def __next__(self) -> dict:
+            self.position += 1
+            if self.position == self.fail_at:
+                raise DatasetError(f"record {self.position} is corrupt")
+            return {"x": np.full((4,), self.position, np.float32)}
+
+        def get_state(self) -> dict:
+            return {"position": self.position}
+
+        def set_state(self, state: dict) -> None:
+            self.position = state["position"]
+
+    state = random_state(0)
+
+    def add_one(state):
+        return jax.tree.map(lambda leaf: leaf + 1 if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, state)
+
+    @jax.jit
+    def train_step(state, batch):
+        return add_one(state), {"loss": jnp.mean(batch["x"]), "nonfinite": jnp.zeros((), jnp.int32)}
+
+    threads_before = set(threading.enumerate())
+    loop = Loop(tmp_path / "run", tmp_path / "ckpt", steps=10, save_every=3, log_every=1, eval_every=100)
+    with pytest.raises(DatasetError, match="record 4 is corrupt"):
+        loop.run(state, StateSpec(None, None, abstract_like(state)), train_step, BatchesThatBreak(fail_at=4),
+                 to_device=lambda batch: batch, batch_size=4, progress=False)
+    assert not [t for t in set(threading.enumerate()) - threads_before if t.is_alive() and not t.daemon]
+    reader = Checkpointer(tmp_path / "ckpt", save_every=1, read_only=True)
+    restored = reader.restore_latest(abstract_like(state))
+    reader.close()
+    assert restored.step == 3 and restored.data_iterator == {"position": 3}
+    expected = add_one(add_one(add_one(state)))  # the state after step 3, the last saved
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored.state, expected)

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dalle_jax import distributed, sharding
 from dalle_jax.errors import DalleJaxError
 from dalle_jax.models.init import build_pooled
-from dalle_jax.train.checkpoint import Checkpointer, CheckpointSaveError, PreemptionGuard
+from dalle_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from dalle_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -331,9 +331,7 @@ class Loop:
                     stop = guard.should_stop(step)  # multi-host: the same answer on every host (see PreemptionGuard)
                     saving = checkpoints.should_save(step) or step == self.steps or stop
                     if nonfinite.diverged(settle=saving):
-                        bar.close()
-                        checkpoints.close()
-                        writer.close()
+                        checkpoints.wait()  # an async save in flight is finished before the message names it
                         raise DivergenceError(nonfinite.message(checkpoints.latest_step()))
                     if saving:
                         iterator_state = batches.get_state()
@@ -347,7 +345,10 @@ class Loop:
                         log.warning("%s: stop requested (signal); saved step %d, exiting", self.name, step)
                         break
             checkpoints.wait()  # the last (async) save is on disk before the run reports success
-        except CheckpointSaveError:  # one line from the CLI; Orbax's threads are stopped, nothing else is written
+        except BaseException:
+            # Any error (divergence, a failed save, bad data, Ctrl-C twice): a save in flight is finished and
+            # Orbax's threads are stopped before the error reaches the CLI, so nothing is left half-written and no
+            # thread prints after the one error line.
             bar.close()
             with contextlib.suppress(OSError):  # the disk that refused the checkpoint may refuse the events too
                 writer.close()
