@@ -145,8 +145,10 @@ def test_sharded_step_equals_single_device():
     assert placed["image_encoder"]["layers"]["wq"].sharding.spec[1:3] == ("fsdp", "tensor")  # really sharded
     np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5)
     assert loss_1[1] != loss_1[0]
+    # atol 1e-5 = 1/1000 of one lr-sized (1e-2) Adam update: the layouts reduce in different orders, and an
+    # element whose gradient is near adam_eps turns that float noise into ~1e-6 (CI once saw 1.1e-6).
     for a, b in zip(jax.tree.leaves(params_n), jax.tree.leaves(params_1), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ end to end
