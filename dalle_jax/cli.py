@@ -18,6 +18,7 @@ from dalle_jax.commands import (
     data,
     demo,
     encode,
+    experiment,
     info,
     reconstruct,
     sample,
@@ -34,6 +35,7 @@ DALL-E in JAX/Flax: a discrete VAE turns images into tokens, a sparse-attention 
 
 Stages (each reads a config preset, writes into a directory, and can be resumed):
   demo             the main job: every stage below on the built-in shapes data, then a report
+  experiment       the paper's ablations: declared sweeps of these stages, with intervals and verdicts
   data shapes      build the built-in captioned-shapes dataset (TFDS array_record)
   data folder      build a dataset from your own folder of images + captions
   data show        draw a dataset split as a PNG grid with captions
@@ -65,8 +67,8 @@ examples:
 """
 
 # In the order `--help` lists them.
-COMMANDS = (data, demo, tokenizer, train_dvae, encode, train_prior, train_clip, sample, info, aot, reconstruct,
-            convert, config)
+COMMANDS = (data, demo, experiment, tokenizer, train_dvae, encode, train_prior, train_clip, sample, info, aot,
+            reconstruct, convert, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

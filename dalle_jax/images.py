@@ -135,3 +135,59 @@ def plot_curves(out: str | Path, rows: Sequence[dict], keys: Sequence[str], *, t
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     return out
+
+
+def plot_intervals(out: str | Path, panels: dict[str, dict[str, dict]], *, title: str = "",
+                   panel_size: tuple[int, int] = (300, 260)) -> Path | None:
+    """One panel per metric, one column per variant: each seed's value as a dot, the mean as a bar and its
+    interval as a whisker. `panels` = {metric: {variant: {"values": [...], "mean", "low", "high"}}}; non-finite
+    values are left out. Returns None when no panel has a finite value."""
+    def finite(xs):
+        return [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+
+    panels = {m: v for m, v in panels.items() if any(finite(c["values"]) for c in v.values())}
+    if not panels:
+        return None
+    pw, ph = panel_size
+    left, top, bottom = 58, 40, 46
+    font = _font(11)
+    columns = min(3, len(panels))
+    rows = (len(panels) + columns - 1) // columns
+    image = Image.new("RGB", (columns * pw, rows * ph + 24), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.text((8, 6), title, fill=(0, 0, 0), font=font)
+    for p, (metric, cells) in enumerate(panels.items()):
+        ox, oy = (p % columns) * pw, 24 + (p // columns) * ph
+        values = [x for c in cells.values() for x in finite([*c["values"], c.get("low"), c.get("high")])]
+        y0, y1 = min(values), max(values)
+        y0, y1 = y0 - 0.08 * (y1 - y0 or 1), y1 + 0.08 * (y1 - y0 or 1)
+        plot_w, plot_h = pw - left - 12, ph - top - bottom
+
+        def y_of(v: float, oy=oy, y0=y0, y1=y1, plot_h=plot_h) -> float:
+            return oy + top + (1 - (v - y0) / (y1 - y0)) * plot_h
+
+        draw.text((ox + left, oy + 10), metric, fill=(0, 0, 0), font=font)
+        draw.rectangle((ox + left, oy + top, ox + left + plot_w, oy + top + plot_h), outline=(0, 0, 0))
+        for i in range(5):
+            v = y0 + (y1 - y0) * i / 4
+            draw.line((ox + left - 4, y_of(v), ox + left, y_of(v)), fill=(0, 0, 0))
+            draw.text((ox + 4, y_of(v) - 6), f"{v:.3g}", fill=(0, 0, 0), font=font)
+        step = plot_w / len(cells)
+        for i, (variant, cell) in enumerate(cells.items()):
+            color = CURVE_COLORS[i % len(CURVE_COLORS)]
+            x = ox + left + step * (i + 0.5)
+            if finite([cell.get("low"), cell.get("high")]) == [cell.get("low"), cell.get("high")]:
+                draw.line((x, y_of(cell["low"]), x, y_of(cell["high"])), fill=color, width=2)
+                for end in (cell["low"], cell["high"]):
+                    draw.line((x - 5, y_of(end), x + 5, y_of(end)), fill=color, width=2)
+            if finite([cell.get("mean")]):
+                draw.line((x - 10, y_of(cell["mean"]), x + 10, y_of(cell["mean"])), fill=(0, 0, 0), width=2)
+            for j, v in enumerate(finite(cell["values"])):
+                dx = (j - (len(cell["values"]) - 1) / 2) * 4
+                draw.ellipse((x + 14 + dx - 2, y_of(v) - 2, x + 14 + dx + 2, y_of(v) + 2), fill=color)
+            for k, line in enumerate(textwrap.wrap(variant, max(6, int(step / 6)))[:3]):
+                draw.text((x - step / 2 + 2, oy + top + plot_h + 6 + 12 * k), line, fill=color, font=font)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    return out

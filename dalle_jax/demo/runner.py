@@ -59,28 +59,14 @@ class Demo:
     # ---- the stages
 
     def data(self) -> dict:
-        from dalle_jax.data.pipeline import shapes_spec
-        from dalle_jax.data.shapes import build_shapes
-
-        spec = shapes_spec(self.config.data)
-        return {"dataset_dir": build_shapes(str(runs.data_dir(self.run)), spec), "num_train": spec.num_train}
+        return {"dataset_dir": build_dataset(self.config, runs.data_dir(self.run)),
+                "num_train": self.config.data.num_train}
 
     def tokenizer(self) -> dict:
-        from dalle_jax.data.tokenizer import TextTokenizer, captions_from_dataset
-
-        t = self.config.text
-        captions = captions_from_dataset(self.dataset_dir, "train")
-        tokenizer = TextTokenizer.train(captions, vocab_size=t.vocab_size, text_len=t.text_len,
-                                        pad_mode=t.pad_mode, dropout=t.bpe_dropout)
-        tokenizer.save(runs.tokenizer_path(self.run))
-        lengths = [len(ids) for ids in tokenizer.encode_unpadded(captions[:2000])]
-        return {"vocab_size": tokenizer.vocab_size, "max_caption_tokens": max(lengths)}
+        return build_tokenizer(self.config, self.dataset_dir, self.run)
 
     def dvae(self) -> dict:
-        from dalle_jax.train.dvae import train_dvae
-
-        result = train_dvae(self.config, self.run, progress=self.progress)
-        return {**_floats(result["metrics"]), "step": result["step"], "preempted": result["preempted"]}
+        return train_stage("dvae", self.config, self.run, progress=self.progress)
 
     def encode(self) -> dict:
         from dalle_jax.encode import encode_dataset
@@ -90,18 +76,12 @@ class Demo:
         return {"token_dir": str(tokens)}
 
     def prior(self) -> dict:
-        from dalle_jax.train.prior import train_prior
-
-        result = train_prior(self.config, self.done()["encode"]["token_dir"], runs.tokenizer_path(self.run),
-                             self.run, progress=self.progress)
-        return {**_floats(result["metrics"]), "step": result["step"], "preempted": result["preempted"]}
+        return train_stage("prior", self.config, self.run, data=self.done()["encode"]["token_dir"],
+                           tokenizer=runs.tokenizer_path(self.run), progress=self.progress)
 
     def clip(self) -> dict:
-        from dalle_jax.train.clip import train_clip
-
-        result = train_clip(self.config, self.dataset_dir, runs.tokenizer_path(self.run), self.run,
-                            progress=self.progress)
-        return {**_floats(result["metrics"]), "step": result["step"], "preempted": result["preempted"]}
+        return train_stage("clip", self.config, self.run, data=self.dataset_dir,
+                           tokenizer=runs.tokenizer_path(self.run), progress=self.progress)
 
     def evaluate(self) -> dict:
         from dalle_jax.demo.evaluate import SCORE_KEY, accuracy_table, image_to_image, prompt_sets, save_sample_grid
@@ -131,8 +111,48 @@ class Demo:
         return report
 
 
-def _floats(metrics: dict) -> dict:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+# ------------------------------------------------------------------------------------------------ stage bodies
+# Shared with the experiment runner (dalle_jax.experiments.runner), which runs them into its own directories.
+
+def build_dataset(config: Config, directory: str | Path) -> str:
+    """The built-in shapes dataset for `config.data`, built under `directory` (reused when already built)."""
+    from dalle_jax.data.pipeline import shapes_spec
+    from dalle_jax.data.shapes import build_shapes
+
+    return build_shapes(str(directory), shapes_spec(config.data))
+
+
+def build_tokenizer(config: Config, dataset_dir: str, run: Path) -> dict:
+    """The BPE tokenizer trained on the dataset's train captions, saved where `runs` looks for it in `run`."""
+    from dalle_jax.data.tokenizer import TextTokenizer, captions_from_dataset
+
+    t = config.text
+    captions = captions_from_dataset(dataset_dir, "train")
+    tokenizer = TextTokenizer.train(captions, vocab_size=t.vocab_size, text_len=t.text_len,
+                                    pad_mode=t.pad_mode, dropout=t.bpe_dropout)
+    tokenizer.save(runs.tokenizer_path(run))
+    lengths = [len(ids) for ids in tokenizer.encode_unpadded(captions[:2000])]
+    return {"vocab_size": tokenizer.vocab_size, "max_caption_tokens": max(lengths)}
+
+
+def train_stage(stage: str, config: Config, run: Path, *, data: str | None = None, tokenizer: Path | None = None,
+                progress: bool = True) -> dict:
+    """Trains "dvae" (on config.data), "prior" (on the token dataset `data`) or "clip" (on the image dataset
+    `data`) into run/<stage>; returns its final metrics as floats, its step and whether a signal stopped it."""
+    if stage == "dvae":
+        from dalle_jax.train.dvae import train_dvae
+
+        result = train_dvae(config, run, progress=progress)
+    elif stage == "prior":
+        from dalle_jax.train.prior import train_prior
+
+        result = train_prior(config, data, tokenizer, run, progress=progress)
+    else:
+        from dalle_jax.train.clip import train_clip
+
+        result = train_clip(config, data, tokenizer, run, progress=progress)
+    metrics = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+    return {**metrics, "step": result["step"], "preempted": result["preempted"]}
 
 
 def demo_config(quick: bool, holdout: str | None, seed: int, overrides: list[str]) -> Config:

@@ -1,0 +1,72 @@
+"""A cell's evaluation: caption match of sampled images by the exact shapes scorer per prompt category (single
+objects, held-out pairs, size+position, relations: a "GenEval for shapes"), best of n by CLIP for every n, and
+CLIP Fréchet distances of samples and of dVAE reconstructions to validation images, at several blur radii."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dalle_jax.config import Config
+
+
+def evaluate_cell(cell: Path, config: Config, dataset: str, seed: int, options: dict, progress: bool = True
+                  ) -> dict[str, float]:
+    from dalle_jax.demo.evaluate import SCORE_KEY, accuracy_table, prompt_sets, save_sample_grid
+    from dalle_jax.sampling.rerank import load_run, sample_and_rerank
+
+    run = load_run(cell)
+    metrics: dict[str, float] = {}
+    num = options["num_samples"]
+    per_set = []
+    for name, prompts in prompt_sets(config, options["prompts_per_set"], seed).items():
+        kept = sample_and_rerank(run, prompts, num_samples=num, top=num, seed=seed, batch_size=64, progress=progress)
+        table = accuracy_table(prompts, kept, SCORE_KEY)
+        per_set.append(table)
+        metrics.update({f"caption/{name}/best_of_{n}": v for n, v in table["best_of_n"].items()})
+        metrics[f"caption/{name}/any_of_n"] = table["any_of_n"]
+        if name == "in_distribution":
+            save_sample_grid(cell / "samples.png", prompts, kept, columns=min(8, num))
+    for n in per_set[0]["best_of_n"]:
+        metrics[f"caption/mean/best_of_{n}"] = float(np.mean([t["best_of_n"][n] for t in per_set]))
+    if options["frechet_images"]:  # 0: caption match only (rerank_n)
+        metrics.update(frechet_metrics(run, dataset, seed, options["frechet_images"], options["blur_radii"],
+                                       progress))
+    return metrics
+
+
+def frechet_metrics(run, dataset: str, seed: int, count: int, radii: tuple, progress: bool) -> dict[str, float]:
+    """CLIP Fréchet distance to `count` validation images: of one sample per validation caption, and (the ceiling
+    a prior could reach through this dVAE) of the dVAE's reconstructions of those images."""
+    import jax.numpy as jnp
+
+    from dalle_jax.data.pipeline import caption_text, open_split
+    from dalle_jax.experiments.metrics import blur, frechet_distance
+    from dalle_jax.sampling.rerank import decode_images, sample_and_rerank
+
+    split = open_split(dataset, "validation")
+    count = min(count, len(split))
+    examples = [split[i] for i in range(count)]
+    real = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
+    captions = [caption_text(e["caption"]) for e in examples]
+    generated = np.stack([k[0].image for k in sample_and_rerank(run, captions, num_samples=1, top=1, seed=seed + 1,
+                                                                 batch_size=64, progress=progress)])
+    tokens = np.concatenate([np.asarray(run.dvae.encode(jnp.asarray(real[i:i + 64], jnp.float32) / 255.0))
+                             for i in range(0, count, 64)])
+    reconstructed = decode_images(run, tokens.reshape(count, -1))
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.asarray(run.clip.encode_image(jnp.asarray(images[i:i + 64])))
+                               for i in range(0, len(images), 64)])
+
+    metrics = {}
+    for radius in radii:
+        reference = embed(blur(real, radius))
+        metrics[f"frechet/generated_blur{radius}"] = frechet_distance(embed(blur(generated, radius)), reference)
+        metrics[f"frechet/reconstructed_blur{radius}"] = frechet_distance(embed(blur(reconstructed, radius)),
+                                                                          reference)
+        # the prior's share: how far its samples are beyond what the dVAE's own reconstructions reach
+        metrics[f"frechet/gap_blur{radius}"] = (metrics[f"frechet/generated_blur{radius}"]
+                                                - metrics[f"frechet/reconstructed_blur{radius}"])
+    return metrics

@@ -1,0 +1,50 @@
+"""Override lists the experiment files share: the paper's dVAE recipe at a given length on top of the demo preset
+(which deviates from it, config._demo says why), and the sizes each scale trains at."""
+
+from __future__ import annotations
+
+
+def dvae_steps(steps: int) -> list[str]:
+    """A dVAE run of `steps` updates with every schedule at the paper's fraction of 1.2M (DVAETrainConfig.scaled_to):
+    KL warm-up 5k/1.2M, temperature 150k/1.2M (12.5%), lr decay over the whole run."""
+    return [f"dvae_train.steps={steps}", f"dvae_train.kl_warmup_steps={max(1, round(steps * 5000 / 1_200_000))}",
+            f"dvae_train.temperature_steps={max(1, round(steps * 150_000 / 1_200_000))}",
+            f"dvae_train.lr_decay_steps={steps}"]
+
+
+def paper_dvae(steps: int) -> list[str]:
+    """The paper's dVAE recipe (linear logits, logit-Laplace likelihood, beta 6.6, tau 1 -> 1/16 over the first
+    12.5%, no code revival) over `steps` updates, undoing the demo preset's deviations."""
+    return [*dvae_steps(steps), "dvae.logits=linear", "dvae_train.likelihood=logit_laplace",
+            "dvae_train.kl_weight=6.6", "dvae_train.revive_every=0"]
+
+
+# dVAE ablations: the paper's recipe at 1000 updates on this CPU (~220 s a cell; 3 variants x 3 seeds ~35 min);
+# on a v4-8 / v5e-8 slice at 64 px over 200k images for 100k updates.
+DVAE_SCALES = {"cpu": paper_dvae(1000),
+               "tpu": [*paper_dvae(100_000), "data.image_size=64", "data.num_train=200000",
+                       "dvae_train.batch_size=512"],
+               "quick": paper_dvae(20)}
+
+
+# The demo preset's deviations from paper_dvae, one key (or the keys that only work together) at a time, at
+# `steps` updates (the demo anneals tau over the whole run).
+def demo_dvae_deviations(steps: int) -> dict[str, list[str]]:
+    return {"distance_logits": ["dvae.logits=distance"],
+            "mse_likelihood": ["dvae_train.likelihood=mse"],
+            "kl_weight_0": ["dvae_train.kl_weight=0"],
+            "tau_whole_run": [f"dvae_train.temperature_steps={steps}"],
+            "code_revival": ["dvae.logits=distance", f"dvae_train.revive_every={max(1, steps // 20)}"]}
+
+
+
+# Prior ablations on this CPU: the demo's dVAE, CLIP and data; the prior trained for half the demo's 1200 updates
+# (~200 s each), so an experiment of 2 variants x 3 seeds (+ sampling) fits in ~40 minutes.
+PRIOR_CPU = ["prior_train.steps=600", "prior_train.warmup_steps=60", "prior_train.eval_every=300",
+             "prior_train.save_every=300"]
+# A v4-8 / v5e-8 slice: 64 px images (16x16 tokens), a 12-layer 512-wide prior, 100k pairs.
+PRIOR_TPU = ["data.image_size=64", "data.num_train=100000", "prior.d_model=512", "prior.n_layers=12",
+             "prior_train.batch_size=256", "prior_train.steps=20000", "prior_train.warmup_steps=1000",
+             "prior_train.eval_every=2000", "prior_train.save_every=2000", "clip_train.steps=5000",
+             "dvae_train.steps=20000", "dvae_train.lr_decay_steps=20000", "dvae_train.temperature_steps=20000",
+             "dvae_train.batch_size=256"]

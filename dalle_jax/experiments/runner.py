@@ -1,0 +1,220 @@
+"""Runs an experiment's (variant, seed) cells with the library's stage functions (the ones `dalle-jax demo` uses).
+
+Layout of OUT (default experiments/runs/<name>/<scale>):
+
+    shared/<stage>-<hash>/   one dataset, tokenizer, dVAE (+ its tokens), prior or CLIP per distinct config:
+                             the hash covers the config sections that produced it, so cells that agree upstream
+                             share the work (every prior ablation trains one dVAE); `done.json` marks it finished
+    cells/<variant>/seed<k>/ dvae, prior, clip -> links to the shared stages; result.json when the cell is done
+
+Resumable: finished shared stages and cells are skipped; an interrupted training stage resumes from its checkpoints
+(the trainers' own resume), a SIGTERM during one saves and stops the run with a line saying to rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dalle_jax import config as config_lib
+from dalle_jax import runs
+from dalle_jax.config import Config
+from dalle_jax.demo.runner import build_dataset, build_tokenizer, train_stage
+from dalle_jax.experiments.spec import Experiment
+from dalle_jax.train.loop import DivergenceError
+
+log = logging.getLogger(__name__)
+RESULT = "result.json"
+DONE = "done.json"
+
+# Per scale: how each cell is evaluated (prompts per caption-match set, candidates per prompt, images for the
+# Fréchet distances, blur radii). An experiment may raise num_samples (rerank_n needs 64).
+EVALUATION = {
+    "quick": {"prompts_per_set": 2, "num_samples": 4, "frechet_images": 16, "blur_radii": (0, 1)},
+    "cpu": {"prompts_per_set": 32, "num_samples": 8, "frechet_images": 256, "blur_radii": (0, 1, 2)},
+    "tpu": {"prompts_per_set": 256, "num_samples": 64, "frechet_images": 2048, "blur_radii": (0, 1, 2, 4)},
+}
+
+# Which config sections produce each shared stage (its directory name hashes them).
+_INPUTS = {
+    "data": ("data",),
+    "tokenizer": ("data", "text"),
+    "dvae": ("data", "dvae", "dvae_train"),
+    "prior": ("data", "text", "dvae", "dvae_train", "prior", "prior_train"),
+    "clip": ("data", "text", "clip", "clip_train"),
+}
+
+
+def stage_key(config: Config, stage: str) -> str:
+    """`<stage>-<12 hex>`: the hash of the sections that produce `stage` (data_dir excluded: set by the runner)."""
+    sections = {}
+    for name in _INPUTS[stage]:
+        section = dataclasses.asdict(getattr(config, name))
+        section.pop("data_dir", None)
+        sections[name] = section
+    digest = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{stage}-{digest}"
+
+
+class Preempted(Exception):
+    """A signal stopped a training stage after it saved (the trainers' SIGTERM handling); a rerun resumes it."""
+
+
+@dataclasses.dataclass
+class Runner:
+    experiment: Experiment
+    scale: str
+    out: Path
+    seeds: tuple[int, ...] | None = None
+    progress: bool = True
+
+    @property
+    def evaluation(self) -> dict:
+        options = dict(EVALUATION[self.scale])
+        options.update(self.experiment.evaluation.get(self.scale, {}))
+        return options
+
+    def cell_dir(self, variant: str, seed: int) -> Path:
+        return self.out / "cells" / variant / f"seed{seed}"
+
+    def cell_done(self, variant: str, seed: int) -> bool:
+        return (self.cell_dir(variant, seed) / RESULT).is_file()
+
+    def run(self) -> list[dict]:
+        """Every cell (skipping finished ones); returns their results."""
+        from tqdm.auto import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        cells = self.experiment.cells(self.seeds)
+        todo = [c for c in cells if not self.cell_done(*c)]
+        if len(todo) < len(cells):
+            log.info("%s: %d of %d cells done before — skipped", self.experiment.name, len(cells) - len(todo),
+                     len(cells))
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"{self.experiment.name} cells",
+                   unit="cell", disable=not self.progress, dynamic_ncols=True)
+        for variant, seed in todo:
+            bar.set_postfix(cell=f"{variant}/seed{seed}")
+            self.run_cell(variant, seed)
+            bar.update(1)
+        bar.close()
+        return [self.result(variant, seed) for variant, seed in cells]
+
+    def finished(self) -> list[dict]:
+        """The results of the cells finished so far (for a report on a sweep still running)."""
+        return [self.result(*cell) for cell in self.experiment.cells(self.seeds) if self.cell_done(*cell)]
+
+    def result(self, variant: str, seed: int) -> dict:
+        return json.loads((self.cell_dir(variant, seed) / RESULT).read_text())
+
+    # ---- one cell
+
+    def run_cell(self, variant: str, seed: int) -> dict:
+        start = time.perf_counter()
+        config = self.experiment.config(variant, seed, self.scale)
+        cell = self.cell_dir(variant, seed)
+        cell.mkdir(parents=True, exist_ok=True)
+        metrics: dict[str, float] = {}
+        stages = self.experiment.stages
+        dataset = self.shared(config, "data", lambda d: self._data(config, d))["dataset_dir"]
+        config = config_lib.apply_overrides(config, [f"data.data_dir={dataset}"])
+        tokenizer = None
+        if "prior" in stages or "clip" in stages:
+            tokenizer = self.shared(config, "tokenizer", lambda d: self._tokenizer(config, dataset, d))["path"]
+        builds = {"dvae": lambda d: self._dvae(config, dataset, d),
+                  "prior": lambda d: self._prior(config, summaries["dvae"]["tokens"], tokenizer, d),
+                  "clip": lambda d: self._clip(config, dataset, tokenizer, d)}
+        summaries: dict[str, dict] = {}
+        diverged = None
+        for stage in (s for s in stages if s in builds):
+            summaries[stage] = self.shared(config, stage, builds[stage])
+            if "diverged" in summaries[stage]:  # the cell's result is the divergence; later stages cannot run
+                diverged = summaries[stage]["diverged"]
+                break
+            metrics.update(_prefixed(stage, summaries[stage]["metrics"]))
+            _link(cell / stage, Path(summaries[stage]["dir"]) / stage)
+        if "evaluate" in stages and diverged is None:
+            from dalle_jax.experiments.evaluate import evaluate_cell
+
+            metrics.update(evaluate_cell(cell, config, dataset, seed, self.evaluation, progress=self.progress))
+        metrics["diverged"] = float(diverged is not None)  # so a claim can count divergences across seeds
+        result = {"experiment": self.experiment.name, "variant": variant, "seed": seed, "scale": self.scale,
+                  "overrides": self.experiment.variants[variant], "metrics": metrics, "diverged": diverged,
+                  "wall_s": time.perf_counter() - start, "config": config_lib.to_dict(config)}
+        _write_json(cell / RESULT, result)
+        log.info("%s: cell %s/seed%d done in %.0f s", self.experiment.name, variant, seed, result["wall_s"])
+        return result
+
+    def shared(self, config: Config, stage: str, build: Callable[[Path], dict]) -> dict:
+        """Runs `build(directory)` once per distinct upstream config; later cells read its done.json."""
+        directory = self.out / "shared" / stage_key(config, stage)
+        done = directory / DONE
+        if done.is_file():
+            return json.loads(done.read_text())
+        directory.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            summary = build(directory)
+        except DivergenceError as error:  # a finding (the paper: linear temperature "typically led to divergence")
+            log.warning("%s: %s diverged: %s", self.experiment.name, stage, error)
+            summary = {"diverged": str(error)}
+        if summary.get("preempted"):
+            raise Preempted(f"{self.experiment.name}: the {stage} stage in {directory} was stopped by a signal and "
+                            "saved; rerun the same command to resume it")
+        summary = {**summary, "dir": str(directory), "wall_s": time.perf_counter() - start}
+        _write_json(done, summary)
+        return summary
+
+    # ---- the shared stages: the demo's stage bodies, each into its own directory
+
+    def _data(self, config: Config, directory: Path) -> dict:
+        return {"dataset_dir": build_dataset(config, directory)}
+
+    def _tokenizer(self, config: Config, dataset: str, directory: Path) -> dict:
+        build_tokenizer(config, dataset, directory)
+        return {"path": str(runs.tokenizer_path(directory))}
+
+    def _dvae(self, config: Config, dataset: str, directory: Path) -> dict:
+        from dalle_jax.encode import encode_dataset
+
+        summary = train_stage("dvae", config, directory, progress=self.progress)
+        if summary["preempted"] or "prior" not in self.experiment.stages:  # tokens only feed a prior
+            return {"metrics": _metrics(summary), "preempted": summary["preempted"]}
+        tokens = encode_dataset(runs.stage_dir(directory, "dvae"), dataset, runs.tokens_dir(directory),
+                                progress=self.progress)
+        return {"metrics": _metrics(summary), "tokens": str(tokens)}
+
+    def _prior(self, config: Config, tokens: str, tokenizer: str, directory: Path) -> dict:
+        summary = train_stage("prior", config, directory, data=tokens, tokenizer=tokenizer, progress=self.progress)
+        return {"metrics": _metrics(summary), "preempted": summary["preempted"]}
+
+    def _clip(self, config: Config, dataset: str, tokenizer: str, directory: Path) -> dict:
+        summary = train_stage("clip", config, directory, data=dataset, tokenizer=tokenizer, progress=self.progress)
+        return {"metrics": _metrics(summary), "preempted": summary["preempted"]}
+
+
+def _metrics(summary: dict) -> dict[str, float]:
+    return {k: v for k, v in summary.items() if k not in ("step", "preempted")}
+
+
+def _prefixed(stage: str, metrics: dict) -> dict[str, float]:
+    return {f"{stage}/{k}": v for k, v in metrics.items()}
+
+
+def _link(link: Path, target: Path) -> None:
+    """cells/<variant>/seed<k>/<stage> -> the shared stage (relative, so OUT can move)."""
+    if link.is_symlink() or link.exists():
+        return
+    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    tmp.replace(path)
