@@ -12,7 +12,7 @@ than it shrinks that of reconstructions, i.e. the samples' remaining error is mo
 """
 
 from dalle_jax.experiments import Claim, Experiment
-from dalle_jax.experiments.recipes import PRIOR_CPU, PRIOR_TPU
+from dalle_jax.experiments.recipes import PRIOR_SCALES
 
 RADII = (0, 1, 2, 4)
 
@@ -29,7 +29,7 @@ EXPERIMENT = Experiment(
         Claim("blur shrinks the gap of samples over dVAE reconstructions (Fig. 9a,b analog)",
               a=("demo", "frechet/gap_blur2"), b=("demo", "frechet/gap_blur0"), expect="lower"),
     ),
-    scales={"cpu": PRIOR_CPU, "tpu": PRIOR_TPU, "quick": []},
+    scales=PRIOR_SCALES,
     seed_sections=("prior_train",),
     plot=tuple(f"frechet/gap_blur{r}" for r in RADII),
     # Caption match is not the question here: few prompts; many images for the Fréchet statistics.

@@ -10,7 +10,7 @@ scorer's (colour, shape) check; "best_of_1" is the prior alone, "best_of_8" afte
 """
 
 from dalle_jax.experiments import Claim, Experiment
-from dalle_jax.experiments.recipes import PRIOR_CPU, PRIOR_TPU
+from dalle_jax.experiments.recipes import PRIOR_SCALES
 
 EXPERIMENT = Experiment(
     name="prior_attention",
@@ -28,7 +28,6 @@ EXPERIMENT = Experiment(
               a=("dense", "caption/mean/best_of_1"), b=("sparse", "caption/mean/best_of_1"), expect="same",
               tolerance=0.05),
     ),
-    scales={"cpu": PRIOR_CPU, "tpu": PRIOR_TPU, "quick": []},
+    scales=PRIOR_SCALES,
     seed_sections=("prior_train",),
-    evaluation={"quick": {"num_samples": 4}, "cpu": {"num_samples": 8}},
 )

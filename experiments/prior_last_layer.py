@@ -9,7 +9,7 @@ updates per seed, the demo's dVAE and CLIP (seed 0).
 """
 
 from dalle_jax.experiments import Claim, Experiment
-from dalle_jax.experiments.recipes import PRIOR_CPU, PRIOR_TPU
+from dalle_jax.experiments.recipes import PRIOR_SCALES
 
 EXPERIMENT = Experiment(
     name="prior_last_layer",
@@ -24,7 +24,6 @@ EXPERIMENT = Experiment(
         Claim("... and samples that match their caption at least as often",
               a=("conv_last", "caption/mean/best_of_1"), b=("row_last", "caption/mean/best_of_1"), expect="higher"),
     ),
-    scales={"cpu": PRIOR_CPU, "tpu": PRIOR_TPU, "quick": []},
+    scales=PRIOR_SCALES,
     seed_sections=("prior_train",),
-    evaluation={"quick": {"num_samples": 4}, "cpu": {"num_samples": 8}},
 )

@@ -9,7 +9,7 @@ CLIP (seed 0). Reported: validation image loss and caption match per sample.
 """
 
 from dalle_jax.experiments import Claim, Experiment
-from dalle_jax.experiments.recipes import PRIOR_CPU, PRIOR_TPU
+from dalle_jax.experiments.recipes import PRIOR_SCALES
 
 EXPERIMENT = Experiment(
     name="prior_loss_weight",
@@ -25,7 +25,6 @@ EXPERIMENT = Experiment(
         Claim("some text loss (1/8 vs 0) costs no caption match", a=("text_eighth", "caption/mean/best_of_1"),
               b=("text_0", "caption/mean/best_of_1"), expect="same", tolerance=0.05),
     ),
-    scales={"cpu": PRIOR_CPU, "tpu": PRIOR_TPU, "quick": []},
+    scales=PRIOR_SCALES,
     seed_sections=("prior_train",),
-    evaluation={"quick": {"num_samples": 4}, "cpu": {"num_samples": 8}},
 )

@@ -11,7 +11,7 @@ the CLIP reranker's input, so each variant trains its own (seed 0); best_of_1 do
 """
 
 from dalle_jax.experiments import Claim, Experiment
-from dalle_jax.experiments.recipes import PRIOR_CPU, PRIOR_TPU
+from dalle_jax.experiments.recipes import PRIOR_SCALES
 
 EXPERIMENT = Experiment(
     name="prior_padding",
@@ -28,7 +28,6 @@ EXPERIMENT = Experiment(
               a=("per_position", "caption/heldout/best_of_1"), b=("shared", "caption/heldout/best_of_1"),
               expect="higher"),
     ),
-    scales={"cpu": PRIOR_CPU, "tpu": PRIOR_TPU, "quick": []},
+    scales=PRIOR_SCALES,
     seed_sections=("prior_train",),
-    evaluation={"quick": {"num_samples": 4}, "cpu": {"num_samples": 8}},
 )

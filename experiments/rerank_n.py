@@ -10,7 +10,7 @@ right): the ceiling a perfect reranker would reach.
 """
 
 from dalle_jax.experiments import Claim, Experiment
-from dalle_jax.experiments.recipes import PRIOR_CPU, PRIOR_TPU
+from dalle_jax.experiments.recipes import PRIOR_SCALES
 
 N = (1, 2, 4, 8, 16, 32, 64)
 
@@ -30,7 +30,7 @@ EXPERIMENT = Experiment(
               a=("demo", "caption/mean/best_of_64"), b=("demo", "caption/mean/best_of_32"), expect="same",
               tolerance=0.03),
     ),
-    scales={"cpu": PRIOR_CPU, "tpu": PRIOR_TPU, "quick": []},
+    scales=PRIOR_SCALES,
     seed_sections=("prior_train",),
     plot=tuple(f"caption/mean/best_of_{n}" for n in N),
     evaluation={"quick": {"num_samples": 4, "frechet_images": 0}, "cpu": {"num_samples": 64, "frechet_images": 0},

@@ -48,3 +48,4 @@ PRIOR_TPU = ["data.image_size=64", "data.num_train=100000", "prior.d_model=512",
              "prior_train.eval_every=2000", "prior_train.save_every=2000", "clip_train.steps=5000",
              "dvae_train.steps=20000", "dvae_train.lr_decay_steps=20000", "dvae_train.temperature_steps=20000",
              "dvae_train.batch_size=256"]
+PRIOR_SCALES = {"cpu": PRIOR_CPU, "tpu": PRIOR_TPU, "quick": []}
