@@ -94,19 +94,22 @@ def test_verdicts(expect, low, high, verdict):
 
 def test_claims_pair_seeds_and_diverged_cells_drop_out():
     experiment = spec.Experiment(
-        name="t", base="demo", variants={"a": [], "b": []}, stages=("dvae",), metrics=("dvae/x",),
+        name="t", base="demo", variants={"a": [], "b": []}, stages=("dvae",), metrics=("dvae/x", "diverged"),
         claims=(Claim("a higher", a=("a", "dvae/x"), b=("b", "dvae/x"), expect="higher"),),
         scales={"cpu": [], "quick": []})
     rng = np.random.default_rng()
     base = rng.normal(size=4) * 10  # large seed effects that pairing removes
-    results = [{"variant": "a", "seed": s, "metrics": {"dvae/x": base[s] + 1 + 0.01 * s}} for s in range(4)]
-    results += [{"variant": "b", "seed": s, "metrics": {"dvae/x": base[s]}} for s in range(3)]
-    results.append({"variant": "b", "seed": 3, "metrics": {}, "diverged": "nan at step 5"})
+    results = [{"variant": "a", "seed": s, "metrics": {"dvae/x": base[s] + 1 + 0.01 * s, "diverged": 0.0}}
+               for s in range(4)]
+    results += [{"variant": "b", "seed": s, "metrics": {"dvae/x": base[s], "diverged": 0.0}} for s in range(3)]
+    results.append({"variant": "b", "seed": 3, "metrics": {"diverged": 1.0}, "diverged": "nan at step 5"})
     summary = report.summarize(experiment, results)
     claim = summary["claims"][0]
     assert claim["n"] == 3 and claim["verdict"] == "reproduced"
     np.testing.assert_allclose(claim["mean"], 1.01)
-    assert summary["variants"]["b"]["diverged"] == 1 and summary["variants"]["a"]["dvae/x"]["n"] == 4
+    assert summary["variants"]["b"]["diverged_cells"] == 1 and summary["variants"]["a"]["dvae/x"]["n"] == 4
+    # the count of diverged cells and a metric named "diverged" (0/1 per cell) are both kept
+    assert summary["variants"]["b"]["diverged"]["mean"] == 0.25 and summary["variants"]["a"]["diverged_cells"] == 0
 
 
 # ------------------------------------------------------------------------------------------------ metrics

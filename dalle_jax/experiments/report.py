@@ -56,13 +56,14 @@ def _value(result: dict, metric: str) -> float:
 
 
 def summarize(experiment: Experiment, results: list[dict]) -> dict:
-    """{"variants": {variant: {"diverged": k, metric: interval + values}}, "claims": [...]} from cell results."""
+    """{"variants": {variant: {"diverged_cells": k, metric: interval + values}}, "claims": [...]} from cell results
+    (a metric may itself be named "diverged": the 0/1 per cell a claim can compare)."""
     by_cell = {(r["variant"], r["seed"]): r for r in results}
     seeds = sorted({r["seed"] for r in results})
     variants = {}
     for variant in experiment.variants:
         cells = [by_cell[(variant, s)] for s in seeds if (variant, s) in by_cell]
-        variants[variant] = {"diverged": sum(1 for c in cells if c.get("diverged"))}
+        variants[variant] = {"diverged_cells": sum(1 for c in cells if c.get("diverged"))}
         for metric in experiment.metrics:
             values = [_value(c, metric) for c in cells]
             variants[variant][metric] = {**interval(values), "values": values}
@@ -115,12 +116,12 @@ def write_report(experiment: Experiment, results: list[dict], out: Path, *, scal
         expected = f"same (±{c['tolerance']:g})" if c["expect"] == "same" else f"a {c['expect']}"
         lines.append(f"| {c['text']} | a = {c['a'][0]} `{c['a'][1]}`, b = {c['b'][0]} `{c['b'][1]}` | "
                      f"{_fmt(c)} | {expected} | **{c['verdict']}** |")
-    lines += ["", "## Every variant", "", "| variant | overrides | diverged | "
+    lines += ["", "## Every variant", "", "| variant | overrides | diverged cells | "
               + " | ".join(f"`{m}`" for m in experiment.metrics) + " |",
               "|---|---|---:|" + "---:|" * len(experiment.metrics)]
     for variant, overrides in experiment.variants.items():
         stats = summary["variants"][variant]
-        lines.append(f"| {variant} | {' '.join(f'`{o}`' for o in overrides) or '(base)'} | {stats['diverged']} | "
+        lines.append(f"| {variant} | {' '.join(f'`{o}`' for o in overrides) or '(base)'} | {stats['diverged_cells']} | "
                      + " | ".join(_fmt(stats[m]) for m in experiment.metrics) + " |")
     if plot:
         lines += ["", f"![{experiment.name}]({plot.name})"]
