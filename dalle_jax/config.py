@@ -199,10 +199,29 @@ class PriorTrainConfig(TrainConfig):
     # Deviation for the sampler's classifier-free guidance (not in the paper): replace the caption by pads
     # with this probability, so the model also learns p(image).
     caption_dropout: float = 0.0
+    # Deviation options (the paper trains on the argmax of the encoder logits, §2.2; its authors found sampled
+    # tokens with soft targets useful when the prior overfits, openai/DALL-E issue 1): "sampled" draws each
+    # training image's input tokens from the dVAE posterior softmax(logits / posterior_temperature), fresh every
+    # epoch; soft_targets=True trains on that distribution instead of one code. Both read the top
+    # `posterior_topk` codes `dalle-jax encode --posterior-topk` stores. Validation stays argmax in, argmax out.
+    input_tokens: str = "argmax"
+    soft_targets: bool = False
+    posterior_topk: int = 8
+    posterior_temperature: float = 1.0
     eval_batches: int = 8  # validation batches per evaluation (0 = the whole split)
+
+    @property
+    def encoded_topk(self) -> int:
+        """How many posterior codes per token the token dataset must hold for this recipe (0: argmax only)."""
+        return self.posterior_topk if self.input_tokens == "sampled" or self.soft_targets else 0
 
     def __post_init__(self):
         super().__post_init__()
+        if self.input_tokens not in ("argmax", "sampled"):
+            raise ConfigError(f"prior_train.input_tokens='{self.input_tokens}': argmax or sampled")
+        if self.posterior_topk < 1 or self.posterior_temperature <= 0:
+            raise ConfigError(f"prior_train.posterior_topk={self.posterior_topk} must be >= 1 and "
+                              f"posterior_temperature={self.posterior_temperature} > 0")
         if self.lr_schedule not in ("plateau", "cosine", "constant"):
             raise ConfigError(f"prior_train.lr_schedule='{self.lr_schedule}': plateau, cosine or constant")
         if not 0.0 <= self.text_loss_weight <= 1.0:

@@ -22,13 +22,18 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 
 
-def _replicated_encoder(dvae: DVAE, mesh) -> tuple:
+def _replicated_encoder(dvae: DVAE, mesh, posterior_topk: int = 0) -> tuple:
     graphdef, state = nnx.split(dvae)
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
     @jax.jit
-    def encode(state, images):  # uint8 (B, H, W, 3) -> int32 (B, h, w)
-        return nnx.merge(graphdef, state).encode(images.astype(jnp.float32) / 255.0)
+    def encode(state, images):  # uint8 (B, H, W, 3) -> {"tokens": int32 (B, h, w)} (+ the top-k posterior)
+        model = nnx.merge(graphdef, state)
+        images = images.astype(jnp.float32) / 255.0
+        if not posterior_topk:
+            return {"tokens": model.encode(images)}
+        codes, logits = model.posterior_top_k(images, posterior_topk)
+        return {"tokens": codes[..., 0], "posterior_codes": codes, "posterior_logits": logits}
 
     return state, encode
 
@@ -39,9 +44,12 @@ def _dvae_fingerprint(dvae_dir: Path, use_ema: bool) -> str:
 
 
 def encode_dataset(dvae_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path, *, batch_size: int = 64,
-                   use_ema: bool = True, mesh_config: sharding.MeshConfig | None = None,
+                   use_ema: bool = True, mesh_config: sharding.MeshConfig | None = None, posterior_topk: int = 0,
                    progress: bool = True) -> Path:
     """Encodes every split of `dataset_dir` with the dVAE into a token dataset under `out_dir`.
+
+    `posterior_topk` > 0 also keeps the encoder's k most likely codes and their logits per token (for a prior
+    trained on sampled tokens or soft targets); 0 writes the argmax tokens only, as the paper trains on.
 
     Rerunning with the same dVAE checkpoint and data reuses the finished dataset (nothing is re-encoded);
     a newer dVAE checkpoint gives a new dataset directory beside the old one.
@@ -53,7 +61,8 @@ def encode_dataset(dvae_dir: str | Path, dataset_dir: str | Path, out_dir: str |
     dvae = runs.load_dvae(dvae_dir, use_ema=use_ema)
     image_size = int(open_split(dataset_dir, "train")[0]["image"].shape[0])
     spec = TokenSpec(source_dir=str(dataset_dir.resolve()), dvae_fingerprint=_dvae_fingerprint(dvae_dir, use_ema),
-                     grid_size=dvae.config.grid_size(image_size), vocab_size=dvae.config.vocab_size)
+                     grid_size=dvae.config.grid_size(image_size), vocab_size=dvae.config.vocab_size,
+                     posterior_topk=posterior_topk)
     builder = token_builder(str(out_dir), spec)
     if (Path(builder.data_dir) / "dataset_info.json").is_file():
         log.info("encode: reusing %s (same dVAE checkpoint and data)", builder.data_dir)
@@ -62,7 +71,7 @@ def encode_dataset(dvae_dir: str | Path, dataset_dir: str | Path, out_dir: str |
     mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
     rules = (mesh_config or sharding.MeshConfig()).rules
     batch_size = _fit_batch(batch_size, sharding.data_parallel_size(mesh, rules))
-    state, encode = _replicated_encoder(dvae, mesh)
+    state, encode = _replicated_encoder(dvae, mesh, posterior_topk)
     encoded = {}
     for split in SPLITS:
         try:
@@ -72,21 +81,23 @@ def encode_dataset(dvae_dir: str | Path, dataset_dir: str | Path, out_dir: str |
         pipeline = Pipeline(source, global_batch=batch_size, train=False,
                             transform=lambda e, rng: {"image": np.asarray(e["image"], np.uint8), "id": e["id"],
                                                       "caption": e["caption"]})
-        tokens, captions, ids = [], [], []
+        fields: dict[str, list] = {"caption": [], "id": []}
         for host_batch in tqdm(pipeline, total=pipeline.num_batches, desc=f"encode {split}", disable=not progress,
                                dynamic_ncols=True):
             batch = device_batch({"image": host_batch["image"]}, mesh, rules)
             with jax.set_mesh(mesh):
-                codes = jax.experimental.multihost_utils.process_allgather(encode(state, batch["image"]),
-                                                                           tiled=True)
+                arrays = jax.experimental.multihost_utils.process_allgather(encode(state, batch["image"]),
+                                                                            tiled=True)
             valid = host_batch["valid"]
-            # every host passes its rows; the gathered codes are all hosts' rows in process order
-            local = np.asarray(codes).reshape(jax.process_count(), -1, *codes.shape[1:])[jax.process_index()]
-            tokens.extend(local[valid].astype(np.uint16))
-            captions.extend(caption_text(c) for c in host_batch["caption"][valid])
-            ids.extend(int(i) for i in host_batch["id"][valid])
-        encoded[split] = {"tokens": tokens, "caption": captions, "id": ids}
-        log.info("encode: %s: %d images -> %s tokens", split, len(ids), tokens[0].shape if tokens else "-")
+            for name, gathered in arrays.items():
+                # every host passes its rows; the gathered arrays are all hosts' rows in process order
+                local = np.asarray(gathered).reshape(jax.process_count(), -1, *gathered.shape[1:])
+                fields.setdefault(name, []).extend(local[jax.process_index()][valid])
+            fields["caption"].extend(caption_text(c) for c in host_batch["caption"][valid])
+            fields["id"].extend(int(i) for i in host_batch["id"][valid])
+        encoded[split] = fields
+        log.info("encode: %s: %d images -> %s tokens", split, len(fields["id"]),
+                 fields["tokens"][0].shape if fields.get("tokens") else "-")
     builder = token_builder(str(out_dir), spec, encoded)
     builder.download_and_prepare()
     return Path(builder.data_dir)

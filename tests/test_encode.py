@@ -61,3 +61,28 @@ def test_reconstruct_reports_bad_files(run, tmp_path, capsys):
     assert "skipped" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no readable images"):
         reconstruct_files(run_dir, [str(bad)], tmp_path / "none.png")
+
+
+def test_posterior_topk_holds_the_encoders_most_likely_codes(run, tmp_path):
+    from dalle_jax.models.dvae import map_pixels
+
+    run_dir, config = run
+    data = dataset_dir_for(config.data, run_dir)
+    k = 5
+    out = encode_dataset(run_dir, data, tmp_path / "tokens", batch_size=16, posterior_topk=k, progress=False)
+    plain = encode_dataset(run_dir, data, run_dir / "tokens", batch_size=16, progress=False)
+    assert out.parent.name != plain.parent.name  # a separate dataset; the argmax one is untouched
+    dvae = load_dvae(run_dir)
+    rows, images = open_split(out, "validation"), open_split(data, "validation")
+    by_id = {int(images[i]["id"]): images[i]["image"] for i in range(len(images))}
+    got = [rows[i] for i in range(len(rows))]
+    batch = jnp.asarray(np.stack([by_id[int(r["id"])] for r in got]), jnp.float32) / 255.0
+    logits = np.asarray(dvae.encoder(map_pixels(batch)), np.float64)
+    codes = np.stack([r["posterior_codes"] for r in got]).astype(np.int64)
+    stored = np.stack([r["posterior_logits"] for r in got])
+    assert codes.shape == (len(got), 8, 8, k) and stored.dtype == np.float32
+    np.testing.assert_array_equal(codes[..., 0], np.stack([r["tokens"] for r in got]))  # the first is the argmax
+    np.testing.assert_allclose(stored, np.take_along_axis(logits, codes, -1), rtol=1e-5, atol=1e-4)
+    assert np.all(np.diff(stored, axis=-1) <= 0)
+    kth = -np.sort(-logits, axis=-1)[..., k - 1:k]  # no code left out beats the k-th kept
+    np.testing.assert_allclose(stored[..., -1:], kth, rtol=1e-5, atol=1e-4)

@@ -24,6 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     encode.add_argument("--out", help="where to write the token dataset (default RUN/tokens)")
     encode.add_argument("--batch-size", type=int, default=64)
     encode.add_argument("--params", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    encode.add_argument("--posterior-topk", type=int, default=0, metavar="K",
+                        help="also keep each token's K most likely codes and their logits, for a prior trained with "
+                             "prior_train.input_tokens=sampled or soft_targets=true (default 0: argmax tokens only, "
+                             "as the paper trains on)")
     encode.set_defaults(func=_encode)
 
 
@@ -36,7 +40,9 @@ def _encode(args: argparse.Namespace) -> int:
     if data is None:
         raise InputError(f"{dvae_dir} has no training config to find its dataset; pass --data")
     out = args.out or str(runs.tokens_dir(args.run))
+    if args.posterior_topk < 0:
+        raise InputError(f"--posterior-topk {args.posterior_topk}: use 0 (argmax tokens only) or a positive K")
     path = encode_dataset(dvae_dir, data, out, batch_size=args.batch_size, use_ema=args.params == "ema",
-                          mesh_config=config.mesh if config else None)
+                          mesh_config=config.mesh if config else None, posterior_topk=args.posterior_topk)
     print(f"tokens: {path}")
     return 0

@@ -1,7 +1,9 @@
 """The token dataset the prior trains on: dVAE image tokens + captions, as TFDS array_record.
 
 Features: `tokens` uint16 (h, w) — the argmax codes of the dVAE encoder; `caption`; `id` (the source
-example's id, so an image and its tokens can be matched); `source_split`.
+example's id, so an image and its tokens can be matched). With `TokenSpec.posterior_topk = k > 0` also the
+encoder's k most likely codes per token and their logits, `posterior_codes` uint16 and `posterior_logits` float32
+(h, w, k), so the prior can train on sampled tokens or soft targets (`prior_train.input_tokens`, `soft_targets`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,16 @@ class TokenSpec:
     dvae_fingerprint: str  # dVAE directory + checkpoint step + params used; changes when the encoder does
     grid_size: int
     vocab_size: int
+    posterior_topk: int = 0  # > 0: also keep the encoder's k most likely codes and their logits per token
+
+    def to_dict(self) -> dict:
+        fields = dataclasses.asdict(self)
+        if not fields["posterior_topk"]:  # argmax-only datasets keep the names and description they always had
+            del fields["posterior_topk"]
+        return fields
 
     def config_name(self) -> str:
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
         return f"g{self.grid_size}_v{self.vocab_size}_{digest}"
 
 
@@ -47,15 +56,18 @@ class TokenBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         spec = self.builder_config.spec
+        grid = (spec.grid_size, spec.grid_size)
+        features = {"tokens": tfds.features.Tensor(shape=grid, dtype=np.uint16), "caption": tfds.features.Text(),
+                    "id": tfds.features.Scalar(dtype=np.int64)}
+        if spec.posterior_topk:
+            top = (*grid, spec.posterior_topk)
+            features["posterior_codes"] = tfds.features.Tensor(shape=top, dtype=np.uint16)
+            features["posterior_logits"] = tfds.features.Tensor(shape=top, dtype=np.float32)
         return tfds.core.DatasetInfo(
             builder=self,
             description="dVAE image tokens + captions (dalle_jax encode). Spec: "
-                        + json.dumps(dataclasses.asdict(spec), sort_keys=True),
-            features=tfds.features.FeaturesDict({
-                "tokens": tfds.features.Tensor(shape=(spec.grid_size, spec.grid_size), dtype=np.uint16),
-                "caption": tfds.features.Text(),
-                "id": tfds.features.Scalar(dtype=np.int64),
-            }),
+                        + json.dumps(spec.to_dict(), sort_keys=True),
+            features=tfds.features.FeaturesDict(features),
         )
 
     def _split_generators(self, dl_manager):
@@ -63,9 +75,13 @@ class TokenBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str):
         data = self._encoded[split]
-        for tokens, caption, example_id in zip(data["tokens"], data["caption"], data["id"], strict=True):
-            yield int(example_id), {"tokens": np.asarray(tokens, np.uint16), "caption": caption,
-                                    "id": int(example_id)}
+        for i, example_id in enumerate(data["id"]):
+            example = {"tokens": np.asarray(data["tokens"][i], np.uint16), "caption": data["caption"][i],
+                       "id": int(example_id)}
+            if self.builder_config.spec.posterior_topk:
+                example["posterior_codes"] = np.asarray(data["posterior_codes"][i], np.uint16)
+                example["posterior_logits"] = np.asarray(data["posterior_logits"][i], np.float32)
+            yield int(example_id), example
 
 
 def token_builder(data_dir: str, spec: TokenSpec, encoded: dict | None = None) -> TokenBuilder:

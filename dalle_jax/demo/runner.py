@@ -72,7 +72,7 @@ class Demo:
         from dalle_jax.encode import encode_dataset
 
         tokens = encode_dataset(runs.stage_dir(self.run, "dvae"), self.dataset_dir, runs.tokens_dir(self.run),
-                                progress=self.progress)
+                                posterior_topk=self.config.prior_train.encoded_topk, progress=self.progress)
         return {"token_dir": str(tokens)}
 
     def prior(self) -> dict:

@@ -59,6 +59,8 @@ def stage_key(config: Config, stage: str) -> str:
         section = dataclasses.asdict(getattr(config, name))
         section.pop("data_dir", None)
         sections[name] = section
+    if stage == "dvae" and config.prior_train.encoded_topk:  # its token set also keeps the top-k posterior
+        sections["posterior_topk"] = config.prior_train.encoded_topk
     digest = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{stage}-{digest}"
 
@@ -187,7 +189,7 @@ class Runner:
         if summary["preempted"] or "prior" not in self.experiment.stages:  # tokens only feed a prior
             return {"metrics": _metrics(summary), "preempted": summary["preempted"]}
         tokens = encode_dataset(runs.stage_dir(directory, "dvae"), dataset, runs.tokens_dir(directory),
-                                progress=self.progress)
+                                posterior_topk=config.prior_train.encoded_topk, progress=self.progress)
         return {"metrics": _metrics(summary), "tokens": str(tokens)}
 
     def _prior(self, config: Config, tokens: str, tokenizer: str, directory: Path) -> dict:

@@ -219,6 +219,12 @@ class DVAE(nnx.Module):
         """Images (B, H, W, 3) in [0, 1] -> tokens (B, H/f, W/f) int32: argmax of the logits, no noise."""
         return jnp.argmax(self.encoder(map_pixels(images)), axis=-1).astype(jnp.int32)
 
+    def posterior_top_k(self, images: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+        """The encoder's k most likely codes per token and their logits, (B, h, w, k) each, most likely first
+        (codes[..., 0] is `encode`'s argmax: ties go to the lower code in both)."""
+        logits, codes = jax.lax.top_k(self.encoder(map_pixels(images)).astype(jnp.float32), k)
+        return codes.astype(jnp.int32), logits
+
     def decode(self, tokens: jax.Array) -> jax.Array:
         """Tokens (B, h, w) -> images (B, h*f, w*f, 3) in [0, 1]: sigmoid(mu), unmapped."""
         return reconstruct(self.decoder.decode_tokens(tokens))

@@ -39,19 +39,30 @@ def count_tokens(batch: dict, text_vocab: int) -> dict:
 
 
 def token_losses(model: Prior, text: jax.Array, image: jax.Array, text_vocab: int,
-                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-token cross-entropy: text (B, T) (0 on pads), image (B, N), and the text validity mask (B, T)."""
+                 dropout_key: jax.Array | None = None,
+                 soft_targets: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token cross-entropy: text (B, T) (0 on pads), image (B, N), and the text validity mask (B, T).
+
+    `soft_targets` (codes, probs), each (B, N, k): the image targets are these distributions over k codes
+    (prior_train.soft_targets) instead of the input tokens themselves.
+    """
     text_logits, image_logits = model(text, image, dropout_key=dropout_key)
     valid = text < text_vocab
     text_ce = optax.softmax_cross_entropy_with_integer_labels(
         text_logits.astype(jnp.float32), jnp.where(valid, text, 0))
-    image_ce = optax.softmax_cross_entropy_with_integer_labels(image_logits.astype(jnp.float32), image)
+    if soft_targets is None:
+        image_ce = optax.softmax_cross_entropy_with_integer_labels(image_logits.astype(jnp.float32), image)
+    else:
+        codes, probs = soft_targets
+        log_probs = jax.nn.log_softmax(image_logits.astype(jnp.float32), axis=-1)
+        image_ce = -jnp.sum(probs * jnp.take_along_axis(log_probs, codes, axis=-1), axis=-1)
     return jnp.where(valid, text_ce, 0.0), image_ce, valid
 
 
 def prior_loss(model: Prior, batch: dict, key: jax.Array, step: jax.Array, cfg: PriorTrainConfig,
                text_vocab: int) -> tuple[jax.Array, dict]:
-    text_ce, image_ce, _ = token_losses(model, batch["text"], batch["image_tokens"], text_vocab, key)
+    soft = (batch["target_codes"], batch["target_probs"]) if "target_probs" in batch else None
+    text_ce, image_ce, _ = token_losses(model, batch["text"], batch["image_tokens"], text_vocab, key, soft)
     text_loss = jnp.sum(text_ce) / batch["n_text"]
     image_loss = jnp.sum(image_ce) / batch["n_image"]
     loss = cfg.text_loss_weight * text_loss + (1.0 - cfg.text_loss_weight) * image_loss
@@ -61,17 +72,38 @@ def prior_loss(model: Prior, batch: dict, key: jax.Array, step: jax.Array, cfg: 
 
 # ------------------------------------------------------------------------------------------------ data
 
-def token_transform(tokenizer: TextTokenizer, training: bool, caption_dropout: float = 0.0):
-    """Token-dataset example -> {"text" (T,) int32, "image_tokens" (N,) int32} (+ "heldout" flag in eval)."""
+def posterior_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / temperature) over the last axis of the stored top-k logits (most likely first): as the
+    temperature goes to 0 this is the one-hot of the first code, the argmax token."""
+    scaled = (np.asarray(logits, np.float64) - np.max(logits, axis=-1, keepdims=True)) / temperature
+    probs = np.exp(scaled)
+    return (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def token_transform(tokenizer: TextTokenizer, training: bool, cfg: PriorTrainConfig | None = None):
+    """Token-dataset example -> {"text" (T,) int32, "image_tokens" (N,) int32, "caption"}; in training with
+    `cfg.input_tokens == "sampled"` the image tokens are drawn from the stored posterior, and with
+    `cfg.soft_targets` the row also carries "target_codes" (N, k) int32 and "target_probs" (N, k) float32."""
     pads = tokenizer.pad_ids().astype(np.int32)
+    caption_dropout = cfg.caption_dropout if cfg is not None else 0.0
+    posterior = training and cfg is not None and cfg.encoded_topk > 0
 
     def transform(example: dict, rng: np.random.Generator) -> dict:
         caption = caption_text(example["caption"])
         text = tokenizer.encode([caption], training=training, rng=rng)[0].astype(np.int32)
         if training and caption_dropout and rng.random() < caption_dropout:
             text = pads.copy()
-        return {"text": text, "image_tokens": np.asarray(example["tokens"], np.int32).reshape(-1),
-                "caption": caption}
+        row = {"text": text, "image_tokens": np.asarray(example["tokens"], np.int32).reshape(-1), "caption": caption}
+        if posterior:
+            k = cfg.posterior_topk
+            codes = np.asarray(example["posterior_codes"], np.int32).reshape(-1, k)
+            probs = posterior_probs(np.asarray(example["posterior_logits"]).reshape(-1, k), cfg.posterior_temperature)
+            if cfg.input_tokens == "sampled":  # inverse-CDF draw of one code per token
+                drawn = np.minimum((np.cumsum(probs, axis=-1) < rng.random((len(codes), 1))).sum(axis=-1), k - 1)
+                row["image_tokens"] = codes[np.arange(len(codes)), drawn]
+            if cfg.soft_targets:
+                row["target_codes"], row["target_probs"] = codes, probs
+        return row
 
     return transform
 
@@ -103,6 +135,12 @@ def check_compatible(config: Config, tokenizer: TextTokenizer, token_dir: Path) 
     if spec and spec.get("vocab_size") != p.image_vocab_size:
         raise ConfigError(f"token dataset {token_dir} was encoded with a {spec.get('vocab_size')}-code "
                                      f"dVAE but dvae.vocab_size is {p.image_vocab_size}")
+    needed, stored = config.prior_train.encoded_topk, (spec or {}).get("posterior_topk", 0)
+    if needed and stored != needed:
+        raise ConfigError(f"prior_train.input_tokens={config.prior_train.input_tokens} / soft_targets="
+                          f"{config.prior_train.soft_targets} read the top {needed} posterior codes per token, but "
+                          f"token dataset {token_dir} stores {stored}: re-encode with `dalle-jax encode "
+                          f"--posterior-topk {needed}` (or set prior_train.posterior_topk={stored})")
 
 
 def _token_spec(token_dir: Path) -> dict | None:
@@ -192,7 +230,8 @@ def train_prior(config: Config, token_dir: str | Path, tokenizer_path: str | Pat
         make_step=lambda optimizer, spec, mesh, rules: make_prior_step(cfg, model_cfg, optimizer, spec, mesh, rules,
                                                                        text_vocab),
         train_source=open_split(token_dir, "train"),
-        transform=token_transform(tokenizer, True, cfg.caption_dropout), device_keys=("text", "image_tokens"),
+        transform=token_transform(tokenizer, True, cfg),
+        device_keys=("text", "image_tokens", *(("target_codes", "target_probs") if cfg.soft_targets else ())),
         make_eval=make_eval, tokenizer=tokenizer, batch_checks=(cfg.batch_size // cfg.microbatches,),
         scalars=lambda step: {"lr_schedule": float(schedule(step))},
         tokens_per_example=model_cfg.seq_len,
@@ -203,6 +242,9 @@ def train_prior(config: Config, token_dir: str | Path, tokenizer_path: str | Pat
 
 def make_prior_step(cfg: PriorTrainConfig, model_cfg: PriorConfig, optimizer, spec, mesh, rules, text_vocab: int):
     batch_shape = {"text": (cfg.batch_size, model_cfg.text_len), "image_tokens": (cfg.batch_size, model_cfg.image_len)}
+    if cfg.soft_targets:
+        batch_shape |= dict.fromkeys(("target_codes", "target_probs"),
+                                     (cfg.batch_size, model_cfg.image_len, cfg.posterior_topk))
     return loop.make_train_step(
         lambda m, b, k, s: prior_loss(m, b, k, s, cfg, text_vocab), optimizer, spec, mesh, rules,
         stage_lib.batch_shardings(batch_shape, mesh, rules),
