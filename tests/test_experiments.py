@@ -58,6 +58,23 @@ def test_every_experiment_loads_and_its_variants_differ_only_in_the_ablated_keys
     seeded = experiment.config(variants[0], experiment.seeds[1], "cpu")
     for section in experiment.seed_sections:
         assert getattr(seeded, section).seed == experiment.seeds[1]
+    for seed, overrides in experiment.seed_overrides.items():  # e.g. the seed's holdout set reaches its cells
+        for v in variants:
+            resolved = experiment.config(v, seed, "cpu")
+            assert config_lib.apply_overrides(resolved, overrides) == resolved or _named(overrides) & _named(
+                experiment.variants[v]), f"{name}/{v}: seed {seed}'s overrides {overrides} do not hold"
+
+
+def test_seed_overrides_and_sampling_name_only_what_exists():
+    fields = dict(name="t", base="demo", variants={"a": []}, stages=("dvae",), metrics=("dvae/x",),
+                  claims=(), scales={"cpu": [], "quick": []})
+    with pytest.raises(config_lib.ConfigError, match="seed_overrides"):
+        spec.Experiment(**fields, seed_overrides={7: ["data.seed=1"]})
+    with pytest.raises(config_lib.ConfigError, match="guidance"):
+        spec.Experiment(**fields, sampling={"a": {"guidance": 2.0}})
+    experiment = spec.Experiment(**fields, seed_overrides={1: ["data.holdout=red circle"]})
+    assert experiment.config("a", 1, "cpu").data.holdout == "red circle"
+    assert experiment.config("a", 0, "cpu").data.holdout == config_lib.DataConfig().holdout
 
 
 def test_list_names_every_experiment_and_a_bad_name_is_one_line():
@@ -164,14 +181,18 @@ EXPERIMENT = Experiment(
                   b=("weight_eighth", "{claim_metric}"), expect="lower"),),
     scales={{"cpu": [], "quick": {quick}}},
     seeds=(0, 1),
-    seed_sections={seed_sections},
+    seed_sections={seed_sections},{extra}
 )
 '''
+# Seed 1 also holds other pairs out (a replicate over holdout sets); weight_half samples with guidance.
+REPLICATES = """
+    seed_overrides={1: ["data.holdout=purple circle,orange square,cyan triangle,black cross"]},
+    sampling={"weight_half": {"cfg_scale": 2.0}},"""
 
 
-def _write_experiment(directory: Path, name: str, **fields) -> Path:
+def _write_experiment(directory: Path, name: str, extra: str = "", **fields) -> Path:
     path = directory / f"{name}.py"
-    path.write_text(SWEEP.format(path=path, name=name, **fields))
+    path.write_text(SWEEP.format(path=path, name=name, extra=extra, **fields))
     return path
 
 
@@ -181,7 +202,8 @@ def quick_sweep(tmp_path_factory):
     path = _write_experiment(root, "sweep", stages=("dvae", "prior", "clip", "evaluate"),
                              metrics=("prior/eval/text_loss", "caption/mean/best_of_1", "frechet/generated_blur0",
                                       "frechet/reconstructed_blur0"),
-                             claim_metric="prior/eval/text_loss", quick=[], seed_sections=("prior_train",))
+                             claim_metric="prior/eval/text_loss", quick=[], seed_sections=("prior_train",),
+                             extra=REPLICATES)
     out = root / "out"
     first = _cli("run", str(path), "--quick", "--out", str(out), "--quiet")
     assert first.returncode == 0, first.stderr[-4000:]
@@ -191,16 +213,21 @@ def quick_sweep(tmp_path_factory):
 def test_quick_sweep_runs_every_cell_sharing_upstream_stages(quick_sweep):
     _, out, first = quick_sweep
     shared = sorted(p.name.split("-")[0] for p in (out / "shared").iterdir())
-    # one dataset, tokenizer, dVAE and CLIP for all four cells; a prior per (variant, seed)
-    assert shared == ["clip", "data", "dvae", "prior", "prior", "prior", "prior", "tokenizer"]
+    # one dataset, tokenizer, dVAE and CLIP per holdout set (the seed's), shared by both variants; a prior per cell
+    assert shared == ["clip"] * 2 + ["data"] * 2 + ["dvae"] * 2 + ["prior"] * 4 + ["tokenizer"] * 2
     results = json.loads((out / "results.json").read_text())
     assert len(results["cells"]) == 4
+    holdouts = {c["seed"]: c["config"]["data"]["holdout"] for c in results["cells"]}
+    assert holdouts[0] == config_lib.DataConfig().holdout and holdouts[1].startswith("purple circle")
+    assert {c["variant"]: c["sampling"] for c in results["cells"]} == {"weight_eighth": {},
+                                                                        "weight_half": {"cfg_scale": 2.0}}
     for cell in results["cells"]:
         metrics = cell["metrics"]
         assert 0.0 <= metrics["caption/mean/best_of_1"] <= 1.0
         assert metrics["frechet/generated_blur0"] >= 0 and metrics["frechet/reconstructed_blur0"] >= 0
         cell_dir = out / "cells" / cell["variant"] / f"seed{cell['seed']}"
-        assert (cell_dir / "samples.png").is_file() and (cell_dir / "prior" / "prior_config.json").is_file()
+        assert (cell_dir / "samples.png").is_file() and (cell_dir / "samples_heldout.png").is_file()
+        assert (cell_dir / "prior" / "prior_config.json").is_file()
     weights = {c["variant"]: c["config"]["prior_train"]["text_loss_weight"] for c in results["cells"]}
     assert weights == {"weight_eighth": 0.125, "weight_half": 0.5}
     assert "sweep:" in first.stdout and "4 cells" in first.stdout

@@ -15,19 +15,24 @@ def evaluate_cell(cell: Path, config: Config, dataset: str, seed: int, options: 
                   ) -> dict[str, float]:
     from dalle_jax.demo.evaluate import SCORE_KEY, accuracy_table, prompt_sets, save_sample_grid
     from dalle_jax.sampling.rerank import load_run, sample_and_rerank
+    from dalle_jax.sampling.sampler import SampleConfig
 
     run = load_run(cell)
     metrics: dict[str, float] = {}
     num = options["num_samples"]
+    sample_config = SampleConfig(**options.get("sample", {}))  # the variant's sampling settings (default: paper's)
     per_set = []
     for name, prompts in prompt_sets(config, options["prompts_per_set"], seed).items():
-        kept = sample_and_rerank(run, prompts, num_samples=num, top=num, seed=seed, batch_size=64, progress=progress)
+        kept = sample_and_rerank(run, prompts, num_samples=num, top=num, seed=seed, sample_config=sample_config,
+                                 batch_size=64, progress=progress)
         table = accuracy_table(prompts, kept, SCORE_KEY)
         per_set.append(table)
         metrics.update({f"caption/{name}/best_of_{n}": v for n, v in table["best_of_n"].items()})
         metrics[f"caption/{name}/any_of_n"] = table["any_of_n"]
         if name == "in_distribution":
             save_sample_grid(cell / "samples.png", prompts, kept, columns=min(8, num))
+        if name == "heldout":
+            save_sample_grid(cell / "samples_heldout.png", prompts, kept, columns=min(8, num))
     for n in per_set[0]["best_of_n"]:
         metrics[f"caption/mean/best_of_{n}"] = float(np.mean([t["best_of_n"][n] for t in per_set]))
     if options["frechet_images"]:  # 0: caption match only (rerank_n)

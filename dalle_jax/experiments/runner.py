@@ -144,10 +144,12 @@ class Runner:
         if "evaluate" in stages and diverged is None:
             from dalle_jax.experiments.evaluate import evaluate_cell
 
-            metrics.update(evaluate_cell(cell, config, dataset, seed, self.evaluation, progress=self.progress))
+            options = {**self.evaluation, "sample": self.experiment.sampling.get(variant, {})}
+            metrics.update(evaluate_cell(cell, config, dataset, seed, options, progress=self.progress))
         metrics["diverged"] = float(diverged is not None)  # so a claim can count divergences across seeds
         result = {"experiment": self.experiment.name, "variant": variant, "seed": seed, "scale": self.scale,
-                  "overrides": self.experiment.variants[variant], "metrics": metrics, "diverged": diverged,
+                  "overrides": self.experiment.variants[variant],
+                  "sampling": self.experiment.sampling.get(variant, {}), "metrics": metrics, "diverged": diverged,
                   "wall_s": time.perf_counter() - start, "config": config_lib.to_dict(config)}
         _write_json(cell / RESULT, result)
         log.info("%s: cell %s/seed%d done in %.0f s", self.experiment.name, variant, seed, result["wall_s"])

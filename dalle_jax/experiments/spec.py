@@ -14,6 +14,7 @@ from pathlib import Path
 from dalle_jax import config as config_lib
 from dalle_jax.config import Config
 from dalle_jax.errors import ConfigError, InputError
+from dalle_jax.sampling.sampler import SampleConfig
 
 SCALES = ("cpu", "tpu", "quick")
 # Stages in order; an experiment runs a prefix-closed subset (a prior needs a dVAE, an evaluation needs a prior).
@@ -54,6 +55,12 @@ class Experiment:
     seed_sections: tuple[str, ...] = SEED_SECTIONS
     plot: tuple[str, ...] = ()  # metrics drawn per variant (default: the claims' metrics)
     evaluation: dict[str, dict] = dataclasses.field(default_factory=dict)  # scale -> runner.EVALUATION overrides
+    # seed -> overrides every cell of that seed also gets: a replicate that is more than a seed, e.g. seed k trains
+    # and tests on holdout set k, so the interval covers the choice of held-out pairs too.
+    seed_overrides: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+    # variant -> SampleConfig fields its evaluation samples with (guidance, temperature, ...): variants that differ
+    # only here share every trained stage.
+    sampling: dict[str, dict] = dataclasses.field(default_factory=dict)
     doc: str = ""
 
     def __post_init__(self) -> None:
@@ -65,6 +72,15 @@ class Experiment:
         if unknown or "cpu" not in self.scales or "quick" not in self.scales:
             raise ConfigError(f"experiment {self.name}: scales {sorted(self.scales)} must include 'cpu' and "
                               f"'quick' and come from {SCALES}")
+        if set(self.seed_overrides) - set(self.seeds) or set(self.sampling) - set(self.variants):
+            raise ConfigError(f"experiment {self.name}: seed_overrides name seeds {sorted(self.seed_overrides)} of "
+                              f"{self.seeds} and sampling names variants {sorted(self.sampling)} of "
+                              f"{sorted(self.variants)}")
+        for variant, fields in self.sampling.items():
+            known = {f.name for f in dataclasses.fields(SampleConfig)} - {"prefix_rows"}
+            if set(fields) - known:
+                raise ConfigError(f"experiment {self.name}: sampling[{variant!r}] sets {sorted(set(fields) - known)}; "
+                                  f"SampleConfig fields are {sorted(known)}")
         for section in self.seed_sections:
             if section not in SEED_SECTIONS:
                 raise ConfigError(f"experiment {self.name}: seed section {section!r} is not one of {SEED_SECTIONS}")
@@ -81,11 +97,11 @@ class Experiment:
         return [(variant, seed) for variant in self.variants for seed in (seeds or self.seeds)]
 
     def config(self, variant: str, seed: int, scale: str, extra: list[str] = ()) -> Config:
-        """The cell's config: base preset (the quick preset at the quick scale), the scale's sizing, the variant's
-        keys, the seed (for `seed_sections`)."""
+        """The cell's config: base preset (the quick preset at the quick scale), the scale's sizing, the seed's
+        overrides, the variant's keys, the seed (for `seed_sections`)."""
         if scale not in self.scales:
             raise InputError(f"--scale {scale}: experiment {self.name} has scales {sorted(self.scales)}")
-        sets = [*self.scales[scale], *self.variants[variant], *extra]
+        sets = [*self.scales[scale], *self.seed_overrides.get(seed, []), *self.variants[variant], *extra]
         sets += [f"{section}.seed={seed}" for section in self.seed_sections]
         return config_lib.resolve("quick" if scale == "quick" else self.base, sets)
 
