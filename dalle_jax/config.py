@@ -41,6 +41,9 @@ class DataConfig:
     holdout: str = "red triangle,blue circle,yellow cross,green square"
     seed: int = 0
     grid: int = 1  # shapes: object corners snap to multiples of this many px (ShapesSpec.grid)
+    # shapes: fraction of the (colour, shape, size, position) combinations single-object train images cover
+    # (ShapesSpec.train_coverage; a composition lever, 1 = all)
+    train_coverage: float = 1.0
     read_threads: int = 2
     prefetch: int = 2
 
@@ -52,6 +55,8 @@ class DataConfig:
         if not 1 <= self.grid <= self.image_size // 4:
             raise ConfigError(f"data.grid={self.grid} must be in [1, data.image_size / 4 = {self.image_size // 4}] "
                               "(1 = objects at any pixel; the dVAE's downsampling puts them on the token grid)")
+        if not 0.0 < self.train_coverage <= 1.0:
+            raise ConfigError(f"data.train_coverage={self.train_coverage} must be in (0, 1] (1 = every combination)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -187,6 +187,31 @@ def test_grid_names_a_new_dataset_and_keeps_the_old_names():
         ShapesSpec(image_size=16, grid=4)  # a 4 px object's centre can't sit in the middle third
 
 
+def test_train_coverage_narrows_train_combinations_and_leaves_the_default_untouched():
+    from dalle_jax.data.shapes import covered_combinations
+
+    assert "train_coverage" not in json.loads(ShapesSpec().to_json())  # the default dataset keeps its name
+    seed = int(np.random.default_rng().integers(1000))
+    full, narrow = ShapesSpec(image_size=32, seed=seed), ShapesSpec(image_size=32, seed=seed, train_coverage=0.25)
+    assert narrow.config_name() != full.config_name()
+    combos = set(covered_combinations(narrow))
+    assert len(combos) == round(0.25 * len(covered_combinations(full)))
+    trained_pairs = {(c, s) for c, s, _, _ in covered_combinations(full)}
+    assert {(c, s) for c, s, _, _ in combos} == trained_pairs  # every trained pair keeps a combination
+    single = 0
+    for index in range(120):
+        example = render_example(narrow, "train", index)
+        if example["template"] != "relation":
+            single += 1
+            o = example["objects"][0]
+            assert (o["color"], o["shape"], o["size"], o["position"]) in combos
+        assert render_example(narrow, "validation", index)["caption"] == render_example(full, "validation",
+                                                                                        index)["caption"]
+    assert single > 50
+    with pytest.raises(ValueError, match="train_coverage"):
+        ShapesSpec(train_coverage=0.0)
+
+
 def test_template_weights_choose_the_template():
     only_relations = ShapesSpec(image_size=32, template_weights=(0, 0, 0, 0, 1))
     only_plain = ShapesSpec(image_size=32, template_weights=(1, 0, 0, 0, 0))

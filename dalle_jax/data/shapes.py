@@ -83,6 +83,11 @@ class ShapesSpec:
     # object at f x f sub-token offsets, each with its own codes; grid = f gives every (colour, shape, size) one
     # token pattern, which short runs learn far faster (README "Stage 1").
     grid: int = 1
+    # Fraction of the (colour, shape, size, position) combinations that single-object train images may show: a
+    # fixed subset (seeded by `seed`) keeping at least one combination of every trained pair, so the same number of
+    # images covers fewer distinct combinations (a composition lever, Okawa et al. 2023). Relation images and the
+    # validation and test splits are unaffected. 1 = every combination.
+    train_coverage: float = 1.0
 
     def __post_init__(self) -> None:
         if self.image_size < MIN_IMAGE_SIZE:
@@ -105,6 +110,8 @@ class ShapesSpec:
             raise ValueError("holdout_oversample must be in [0, 1]")
         if not 1 <= self.grid <= self.image_size // 4:
             raise ValueError(f"grid={self.grid} must be in [1, image_size / 4 = {self.image_size // 4}]")
+        if not 0.0 < self.train_coverage <= 1.0:
+            raise ValueError(f"train_coverage={self.train_coverage} must be in (0, 1]")
         self._check_grid_leaves_room()
 
     def _check_grid_leaves_room(self) -> None:
@@ -121,8 +128,9 @@ class ShapesSpec:
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
-        if fields["grid"] == 1:  # datasets built before the field existed keep their names
-            del fields["grid"]
+        for name, default in (("grid", 1), ("train_coverage", 1.0)):
+            if fields[name] == default:  # datasets built before the field existed keep their names
+                del fields[name]
         return json.dumps(fields, sort_keys=True)
 
     def config_name(self) -> str:
@@ -137,6 +145,23 @@ def _valid_names() -> str:
 
 def all_pairs() -> tuple[tuple[str, str], ...]:
     return tuple((color, shape) for color in COLORS for shape in SHAPES)
+
+
+@functools.lru_cache(maxsize=16)
+def covered_combinations(spec: ShapesSpec) -> tuple[tuple[str, str, str, str], ...]:
+    """The (colour, shape, size, position) combinations single-object train images show under
+    `spec.train_coverage`: one random combination of every trained pair, then random others up to the fraction."""
+    holdout = set(spec.holdout)
+    pairs = [p for p in all_pairs() if p not in holdout]
+    combos = [(*pair, size, position) for pair in pairs for size in SIZES for position in POSITIONS]
+    if spec.train_coverage >= 1.0:
+        return tuple(combos)
+    rng = np.random.default_rng([spec.seed, 7919])  # its own stream: the examples' draws are untouched
+    per_pair = len(SIZES) * len(POSITIONS)
+    first = [i * per_pair + int(rng.integers(per_pair)) for i in range(len(pairs))]
+    rest = [i for i in rng.permutation(len(combos)) if i not in set(first)]
+    count = max(len(pairs), round(spec.train_coverage * len(combos)))
+    return tuple(combos[i] for i in sorted(first + rest[:count - len(first)]))
 
 
 def parse_holdout(text: str) -> tuple[tuple[str, str], ...]:
@@ -351,6 +376,11 @@ def render_example(spec: ShapesSpec, split: str, index: int) -> dict[str, Any]:
             _object(*first_pair, sizes[0], *corner_a, size),
             _object(*second_pair, sizes[1], *corner_b, size),
         ]
+    elif split == "train" and spec.train_coverage < 1.0:
+        combos = covered_combinations(spec)
+        color, shape, obj_size, position = combos[rng.integers(len(combos))]
+        corner = _sample_corner_in_position(rng, size_px(obj_size, size), position, size, spec.grid)
+        objects = [_object(color, shape, obj_size, *corner, size)]
     else:
         obj_size = SIZES[rng.integers(len(SIZES))]
         position = POSITIONS[rng.integers(len(POSITIONS))]
