@@ -65,6 +65,21 @@ def test_every_experiment_loads_and_its_variants_differ_only_in_the_ablated_keys
                 experiment.variants[v]), f"{name}/{v}: seed {seed}'s overrides {overrides} do not hold"
 
 
+def test_experiments_share_one_stage_cache_per_scale_unless_out_is_given():
+    import argparse
+
+    from dalle_jax.commands.experiment import _setup
+
+    args = dict(name="dvae_kl_weight", scale="cpu", quick=False, seeds=None)
+    default, _ = _setup(argparse.Namespace(**args, out=None))
+    assert default.out == Path("runs/experiments/dvae_kl_weight/cpu")
+    assert default.shared_root == Path("runs/experiments/shared/cpu")
+    other, _ = _setup(argparse.Namespace(**{**args, "name": "prior_padding"}, out=None))
+    assert other.shared_root == default.shared_root  # one demo dVAE for every experiment at this scale
+    given, _ = _setup(argparse.Namespace(**args, out="elsewhere"))
+    assert given.shared_root is None and given.out == Path("elsewhere")  # self-contained: elsewhere/shared
+
+
 def test_seed_overrides_and_sampling_name_only_what_exists():
     fields = dict(name="t", base="demo", variants={"a": []}, stages=("dvae",), metrics=("dvae/x",),
                   claims=(), scales={"cpu": [], "quick": []})

@@ -41,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("name", help="an experiment in experiments/ (see `dalle-jax experiment list`)")
         sub.add_argument("--scale", default="cpu", choices=("cpu", "tpu", "quick"), help="sizes (default cpu)")
         sub.add_argument("--quick", action="store_true", help="same as --scale quick")
-        sub.add_argument("--out", help="directory of the cells (default runs/experiments/NAME/SCALE)")
+        sub.add_argument("--out", help="directory of the cells (default runs/experiments/NAME/SCALE, with the stages "
+                                       "cells share in runs/experiments/shared/SCALE, common to all experiments; "
+                                       "with --out they go to OUT/shared)")
         sub.add_argument("--seeds", help="comma-separated subset of the experiment's seeds (default: all)")
         sub.add_argument("--publish", action="store_true",
                          help="also copy the report to experiments/results/NAME.{md,json,png}")
@@ -79,11 +81,14 @@ def _setup(args: argparse.Namespace):
         if unknown:
             raise InputError(f"--seeds {args.seeds}: {sorted(unknown)} not among {experiment.name}'s seeds "
                              f"{list(experiment.seeds)}")
-    out = Path(args.out or Path("runs") / "experiments" / experiment.name / scale)
+    root = Path("runs") / "experiments"
+    out = Path(args.out or root / experiment.name / scale)
+    # Without --out, every experiment of a scale shares one stage cache (the demo dVAE is trained once for all).
+    shared = None if args.out else root / "shared" / scale
     experiment.config(next(iter(experiment.variants)), experiment.seeds[0], scale)  # unknown scale -> one line
     command = f"dalle-jax experiment run {experiment.name} --scale {scale}" + (f" --seeds {args.seeds}"
                                                                                   if args.seeds else "")
-    return Runner(experiment, scale, out, seeds, progress=not args.quiet), command
+    return Runner(experiment, scale, out, seeds, progress=not args.quiet, shared_root=shared), command
 
 
 def _run(args: argparse.Namespace) -> int:

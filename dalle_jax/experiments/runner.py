@@ -1,11 +1,13 @@
 """Runs an experiment's (variant, seed) cells with the library's stage functions (the ones `dalle-jax demo` uses).
 
-Layout of OUT (default experiments/runs/<name>/<scale>):
+Layout of OUT (default runs/experiments/<name>/<scale>) and SHARED (default runs/experiments/shared/<scale>, shared
+by every experiment of that scale; OUT/shared when OUT is given):
 
-    shared/<stage>-<hash>/   one dataset, tokenizer, dVAE (+ its tokens), prior or CLIP per distinct config:
-                             the hash covers the config sections that produced it, so cells that agree upstream
-                             share the work (every prior ablation trains one dVAE); `done.json` marks it finished
-    cells/<variant>/seed<k>/ dvae, prior, clip -> links to the shared stages; result.json when the cell is done
+    SHARED/<stage>-<hash>/       one dataset, tokenizer, dVAE (+ its tokens), prior or CLIP per distinct config:
+                                 the hash covers the config sections that produced it, so cells that agree upstream
+                                 share the work (every prior ablation, in any experiment, trains one demo dVAE);
+                                 `done.json` marks it finished. Run one experiment at a time per SHARED.
+    OUT/cells/<variant>/seed<k>/ dvae, prior, clip -> links to the shared stages; result.json when the cell is done
 
 Resumable: finished shared stages and cells are skipped; an interrupted training stage resumes from its checkpoints
 (the trainers' own resume), a SIGTERM during one saves and stops the run with a line saying to rerun.
@@ -76,6 +78,7 @@ class Runner:
     out: Path
     seeds: tuple[int, ...] | None = None
     progress: bool = True
+    shared_root: Path | None = None  # where shared stages live (default OUT/shared)
 
     @property
     def evaluation(self) -> dict:
@@ -157,7 +160,7 @@ class Runner:
 
     def shared(self, config: Config, stage: str, build: Callable[[Path], dict]) -> dict:
         """Runs `build(directory)` once per distinct upstream config; later cells read its done.json."""
-        directory = self.out / "shared" / stage_key(config, stage)
+        directory = (self.shared_root or self.out / "shared") / stage_key(config, stage)
         done = directory / DONE
         if done.is_file():
             return json.loads(done.read_text())
