@@ -70,7 +70,7 @@ def test_experiments_share_one_stage_cache_per_scale_unless_out_is_given():
 
     from dalle_jax.commands.experiment import _setup
 
-    args = dict(name="dvae_kl_weight", scale="cpu", quick=False, seeds=None)
+    args = dict(name="dvae_kl_weight", scale="cpu", quick=False, seeds=None, quiet=True)
     default, _ = _setup(argparse.Namespace(**args, out=None))
     assert default.out == Path("runs/experiments/dvae_kl_weight/cpu")
     assert default.shared_root == Path("runs/experiments/shared/cpu")
