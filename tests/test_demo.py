@@ -40,6 +40,8 @@ def test_quick_demo_writes_every_artefact(quick_run):
     assert "eval/codebook_perplexity" in report["dvae"] and "eval/retrieval_top1" in report["clip"]
     text = (run / "report.md").read_text()
     assert "Caption match" in text and "Accuracy vs N" in text
+    holdout = "red triangle,blue circle,yellow cross,green square"  # the default the quick run was built with
+    assert report["holdout"] == holdout and f"held out: {holdout})" in text.splitlines()[0]
     for name in ("samples_in_distribution", "samples_heldout", "samples_position", "samples_relations",
                  "image_to_image"):
         with Image.open(run / f"{name}.png") as img:

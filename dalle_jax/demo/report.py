@@ -21,6 +21,7 @@ def write_report(run: Path, done: dict, config: Config, stages: tuple[str, ...])
     accuracy = done["evaluate"]["accuracy"]
     report = {
         "preset": config.name,
+        "holdout": config.data.holdout,  # the (colour, shape) pairs no train image shows
         "machine": {"platform": platform.platform(), "processor": _cpu_model() or platform.machine(),
                     "cpu_count": __import__("os").cpu_count(), "jax_backend": jax.default_backend(),
                     "jax": jax.__version__},
@@ -43,7 +44,7 @@ def write_report(run: Path, done: dict, config: Config, stages: tuple[str, ...])
         low, high = table["interval_95"][str(k)]
         return f"{100 * table['best_of_n'][str(k)]:.1f}% [{100 * low:.0f}, {100 * high:.0f}]"
 
-    lines = [f"# dalle-jax demo report ({config.name} preset)", "",
+    lines = [f"# dalle-jax demo report ({config.name} preset; held out: {config.data.holdout or 'nothing'})", "",
              f"Machine: {report['machine']['processor']}, {report['machine']['cpu_count']} cores, "
              f"JAX {report['machine']['jax']} on {report['machine']['jax_backend']}.", "",
              "## Caption match (exact shapes scorer)", "",
