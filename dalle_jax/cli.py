@@ -22,6 +22,7 @@ from dalle_jax.commands import (
     info,
     reconstruct,
     sample,
+    serve,
     tokenizer,
     train_clip,
     train_dvae,
@@ -45,6 +46,7 @@ Stages (each reads a config preset, writes into a directory, and can be resumed)
   train-prior      train the sparse transformer prior on [caption | image tokens] (stage 2)
   train-clip       train the CLIP-style reranker on images + captions
   sample           captions -> images: prior samples decoded by the dVAE, reranked by CLIP
+  serve            a web page over a run: caption in, reranked images out (Gradio; the serve extra)
   info             parameter count, per-device memory and mask schedule of a preset's prior
   aot              compile the prior's train step / sampler for a TPU slice on this host (memory vs HBM)
   reconstruct      encode + decode image files with a dVAE, side by side
@@ -67,7 +69,7 @@ examples:
 """
 
 # In the order `--help` lists them.
-COMMANDS = (data, demo, experiment, tokenizer, train_dvae, encode, train_prior, train_clip, sample, info, aot,
+COMMANDS = (data, demo, experiment, tokenizer, train_dvae, encode, train_prior, train_clip, sample, serve, info, aot,
             reconstruct, convert, config)
 
 

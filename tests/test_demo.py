@@ -20,11 +20,8 @@ def _cli(*args, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("demo") / "quick"
-    result = _cli("demo", "--quick", "--out", str(run), "--quiet")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return run, result
+def quick_run(quick_demo):
+    return quick_demo  # conftest: one quick demo run per session, shared with tests/test_serve.py
 
 
 def test_quick_demo_writes_every_artefact(quick_run):

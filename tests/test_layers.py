@@ -22,6 +22,7 @@ LAYERS = {
     "dalle_jax.config": 2,
     "dalle_jax.train": 3, "dalle_jax.runs": 3, "dalle_jax.sampling": 3, "dalle_jax.convert": 3, "dalle_jax.encode": 3,
     "dalle_jax.aot": 4, "dalle_jax.info": 4, "dalle_jax.demo": 4, "dalle_jax.experiments": 4,
+    "dalle_jax.serve": 4,
     "dalle_jax.commands": 5, "dalle_jax.cli": 5,
 }
 NEIGHBOURS_APART = ("dalle_jax.models", "dalle_jax.data")  # same layer, but neither may import the other

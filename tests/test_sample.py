@@ -120,6 +120,10 @@ def test_sample_does_not_depend_on_its_batch():
         np.testing.assert_array_equal(alone[0], batch[i])
     shifted = sample_tokens(model, text[:1], 11, FILTERED, sample_offset=1)
     np.testing.assert_array_equal(shifted[0], batch[1])  # prompt 0 at index 1 is sample 1
+    # explicit per-row ids (rows of several requests in one call): row r is sample ids[r], as if drawn alone
+    ids = np.array([2, 0, 1])
+    explicit = sample_tokens(model, text[[2, 0, 1]], 11, FILTERED, sample_offset=ids)
+    np.testing.assert_array_equal(explicit, batch[[2, 0, 1]])
 
 
 def test_repeated_calls_with_other_temperature_top_p_or_scale_do_not_recompile():

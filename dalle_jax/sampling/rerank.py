@@ -231,19 +231,56 @@ def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, t
             batch_prefix = None if prefix is None else np.broadcast_to(prefix, (count, *prefix.shape))
             tokens = sample_tokens(prior, np.repeat(text[p : p + 1], count, axis=0), seed, cfg, pad_ids=pads,
                                    prefix=batch_prefix, mesh=mesh, rules=rules, sample_offset=p * num_samples + start)
-            images = decode_images(run, tokens)
-            if run.clip is None:
-                kept += [RankedSample(images[i], None, start + i) for i in range(count)]
-            else:
-                scores = clip_scores(run, images, clip_ids)
-                kept += [RankedSample(images[i], float(scores[i]), start + i) for i in range(count)]
-                kept = sorted(kept, key=lambda c: (-c.clip_score, c.sample_index))[:top]
+            kept = _keep_best(run, kept, decode_images(run, tokens), clip_ids, start, top)
             bar.update(count)
         results.append(kept[:top])
         if on_prompt is not None:
             on_prompt(p, prompt, results[-1])
     bar.close()
     return results
+
+
+def _keep_best(run: LoadedRun, kept: list[RankedSample], images: np.ndarray, clip_ids: np.ndarray | None,
+               start: int, top: int) -> list[RankedSample]:
+    """`kept` plus decoded candidates `start, start + 1, ...` of one prompt: the best `top` by CLIP score (a stable
+    sort, ties by draw index), or all of them in draw order without a reranker."""
+    if run.clip is None:
+        return kept + [RankedSample(images[i], None, start + i) for i in range(len(images))]
+    scores = clip_scores(run, images, clip_ids)
+    kept = kept + [RankedSample(images[i], float(scores[i]), start + i) for i in range(len(images))]
+    return sorted(kept, key=lambda c: (-c.clip_score, c.sample_index))[:top]
+
+
+def sample_and_rerank_together(run: LoadedRun, prompts: list[str], *, num_samples: int, top: int, seed: int,
+                               sample_config: SampleConfig | None = None, batch_size: int = 64,
+                               prefix: np.ndarray | None = None,
+                               on_progress: Callable[[int, int], None] | None = None) -> list[list[RankedSample]]:
+    """Prompts that share every setting, drawn in the same sampler calls, each exactly as if it were alone:
+    prompt p's candidate i is sample i of `seed`'s stream, as `sample_and_rerank(run, [prompt], ...)` draws it, so
+    a request served in a batch with others gets the images it would get alone (`dalle-jax serve` batches
+    concurrent requests this way). A call holds `batch_size` candidates in all, split between the prompts;
+    `on_progress(done, total)` follows the candidates drawn."""
+    check_counts(num_samples, top, batch_size)
+    text = encode_prompts(run.tokenizer, prompts)
+    cfg = dataclasses.replace(sample_config or SampleConfig(), prefix_rows=0 if prefix is None else len(prefix))
+    prior = (nnx.graphdef(run.prior), nnx.state(run.prior, nnx.Param))
+    clip_ids = [None if run.clip is None else run.clip_tokenizer.encode([p]) for p in prompts]
+    drawn = num_samples if run.clip is not None else top
+    per_call = max(1, batch_size // len(prompts))
+    kept: list[list[RankedSample]] = [[] for _ in prompts]
+    for start in range(0, drawn, per_call):
+        count = min(per_call, drawn - start)
+        rows = len(prompts) * count  # prompt-major: prompt p's rows are p * count ... (p + 1) * count - 1
+        batch_prefix = None if prefix is None else np.broadcast_to(prefix, (rows, *prefix.shape))
+        tokens = sample_tokens(prior, np.repeat(text, count, axis=0), seed, cfg, pad_ids=run.tokenizer.pad_ids(),
+                               prefix=batch_prefix, sample_offset=np.tile(np.arange(start, start + count),
+                                                                          len(prompts)))
+        images = decode_images(run, tokens)
+        for p in range(len(prompts)):
+            kept[p] = _keep_best(run, kept[p], images[p * count : (p + 1) * count], clip_ids[p], start, top)
+        if on_progress is not None:
+            on_progress(start + count, drawn)
+    return [k[:top] for k in kept]
 
 
 # Files `SampleWriter` writes: {p:04d}_{r:02d}.png, samples.jsonl, grid.png.

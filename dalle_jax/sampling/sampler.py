@@ -433,7 +433,14 @@ def _prepare(model, text, cfg, pad_ids, prefix, mesh, rules, sample_offset, guid
     image[:, : prefix.shape[1]] = prefix
     text, _ = pad_batch(text, multiple)
     image, _ = pad_batch(image, multiple)
-    sample_ids = (sample_offset + np.arange(text.shape[0])).astype(np.int32)
+    if np.ndim(sample_offset):  # explicit ids, one per row (rows of different requests batched together)
+        ids = np.asarray(sample_offset, np.int64).reshape(-1)
+        if ids.shape != (batch,):
+            raise ValueError(f"sample_offset has {ids.size} ids for a batch of {batch}")
+    else:
+        ids = sample_offset + np.arange(batch)
+    padding = ids.max() + 1 + np.arange(text.shape[0] - batch)  # rows added for the mesh, trimmed after
+    sample_ids = np.concatenate([ids, padding]).astype(np.int32)
     static = _Static(top_k=cfg.top_k, nucleus=cfg.top_p < 1.0, guided=guided, prefix_len=prefix.shape[1])
     scalars = np.array([cfg.temperature, cfg.top_p, cfg.cfg_scale], np.float32)
     return graphdef, params, config, static, _Placement(mesh, rules), batch, (text, pads, image, sample_ids, scalars)
@@ -443,7 +450,7 @@ def _prepare(model, text, cfg, pad_ids, prefix, mesh, rules, sample_offset, guid
 
 def sample_tokens(model: Prior | tuple[Any, Any], text: Any, seed: int, cfg: SampleConfig = SampleConfig(), *,
                   pad_ids: Any = None, prefix: Any = None, mesh: Mesh | None = None,
-                  rules: sharding.Rules | None = None, sample_offset: int = 0, cache_dtype: Any = None
+                  rules: sharding.Rules | None = None, sample_offset: int | np.ndarray = 0, cache_dtype: Any = None
                   ) -> np.ndarray:
     """Draws image tokens (B, N) int32 for captions `text` (B, T) with the cached sampler.
 
@@ -459,7 +466,8 @@ def sample_tokens(model: Prior | tuple[Any, Any], text: Any, seed: int, cfg: Sam
       mesh, rules: shard the batch over the data-parallel axes (and the KV cache's heads over "tensor") by the
         logical rules (default: the config's DEFAULT_RULES). The batch is padded to a multiple of the
         data-parallel size and trimmed after.
-      sample_offset: global index of this call's first sample (for drawing many samples over several calls).
+      sample_offset: global index of this call's first sample (for drawing many samples over several calls), or
+        a (B,) array of each row's sample index (rows of several prompts drawn in one call, each as if alone).
       cache_dtype: KV-cache dtype; default the model's compute dtype.
 
     Returns: (B, N) int32 numpy tokens in raster order (reshape to (B, grid, grid)).
