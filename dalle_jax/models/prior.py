@@ -234,21 +234,33 @@ class Prior(nnx.Module):
         keys = (jax.random.split(dropout_key, c.n_layers) if train_dropout
                 else jnp.zeros((c.n_layers,), jnp.uint32))
 
+        params = {name: value[...] for name, value in self.layers.items()}
+        if cache is not None:
+            # The whole cache rides in the scan's carry and each layer writes only this call's keys and values into
+            # it (in place): passing per-layer slices as scan inputs and outputs would copy the entire cache at
+            # every decode step.
+            def cached_layer(carry, xs):
+                x, k_all, v_all = carry
+                p, mask_index, index = xs
+                mask = jax.lax.dynamic_index_in_dim(masks, mask_index, keepdims=False)
+                x, (k_all, v_all) = _block(x, p, mask, start, k_all, v_all, c, dtype, None, layer=index)
+                return (x, k_all, v_all), None
+
+            (x, k_all, v_all), _ = jax.lax.scan(cached_layer, (x, cache["k"], cache["v"]),
+                                                (params, jnp.asarray(layer_index), jnp.arange(c.n_layers)))
+            return layer_norm(x, self.final_scale[...], self.final_bias[...]), {"k": k_all, "v": v_all}
+
         def layer(x, xs):
-            p, mask_index, key, k_cache, v_cache = xs
+            p, mask_index, key = xs
             mask = jax.lax.dynamic_index_in_dim(masks, mask_index, keepdims=False)
-            x, new_kv = _block(x, p, mask, start, k_cache, v_cache, c, dtype,
-                               key if train_dropout else None, blocks, mask_index if use_splash else None)
-            return x, new_kv
+            x, _ = _block(x, p, mask, start, None, None, c, dtype,
+                          key if train_dropout else None, blocks, mask_index if use_splash else None)
+            return x, None
 
         if c.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[c.remat])
-        params = {name: value[...] for name, value in self.layers.items()}
-        k_cache = None if cache is None else cache["k"]
-        v_cache = None if cache is None else cache["v"]
-        x, new_kv = jax.lax.scan(layer, x, (params, jnp.asarray(layer_index), keys, k_cache, v_cache))
-        new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
-        return layer_norm(x, self.final_scale[...], self.final_bias[...]), new_cache
+        x, _ = jax.lax.scan(layer, x, (params, jnp.asarray(layer_index), keys))
+        return layer_norm(x, self.final_scale[...], self.final_bias[...]), None
 
     def text_logits(self, h: jax.Array) -> jax.Array:
         return constrain(jnp.einsum("bsd,dv->bsv", h, self.text_head[...]), ("batch", "length", "vocab"))
@@ -271,10 +283,12 @@ class Prior(nnx.Module):
 
 def _block(x: jax.Array, p: dict, mask: jax.Array, start: jax.Array | int, k_cache: jax.Array | None,
            v_cache: jax.Array | None, c: PriorConfig, dtype: Any, key: jax.Array | None,
-           blocks: tuple[tuple[int, int, int], ...] | None = None, splash_mask_index: jax.Array | None = None
-           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+           blocks: tuple[tuple[int, int, int], ...] | None = None, splash_mask_index: jax.Array | None = None,
+           layer: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block. x (B, S, d) fp32 residual stream; mask (L, L) bool for this layer.
 
+    With a cache, k_cache / v_cache are the whole stacks (layers, B, L, heads, head_dim): this block writes its
+    keys and values at (`layer`, `start`) and attends over its layer's slice; the updated stacks are returned.
     `blocks` selects the "blocked" attention, `splash_mask_index` (this layer's index into the mask stack) the
     splash kernel; both only for the full sequence without a cache.
     """
@@ -285,10 +299,12 @@ def _block(x: jax.Array, p: dict, mask: jax.Array, start: jax.Array | int, k_cac
     v = constrain(jnp.einsum("bsd,dhk->bshk", h, w["wv"]) + w["bv"], HEADS)
     new_kv = None
     if k_cache is not None:
-        at = (0, start, 0, 0)
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
-        new_kv = (k, v)
+        at = (layer, 0, start, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
+        new_kv = (k_cache, v_cache)
+        k = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
     k, v = k.astype(dtype), v.astype(dtype)
     if splash_mask_index is not None:  # the same values from the block-sparse TPU kernel (models/splash.py)
         attn = splash_lib.splash_attention(q, k, v, splash_mask_index, c)
