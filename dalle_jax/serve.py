@@ -213,11 +213,11 @@ def build_app(run: LoadedRun, batcher: Batcher, title: str = "dalle-jax") -> Any
 
 
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 7860, batch_size: int = 64,
-          max_prompts: int = 8, rerank: bool = True, block: bool = True) -> Any:
+          max_prompts: int = 8, rerank: bool = True, dtype: str = "float32", block: bool = True) -> Any:
     """Loads the run once and serves the page; returns the launched app (with block=False, for tests)."""
     from dalle_jax.sampling.rerank import load_run
 
-    run = load_run(run_dir, rerank=rerank)
+    run = load_run(run_dir, rerank=rerank, dtype=dtype)
     batcher = Batcher(run, batch_size=batch_size, max_prompts=max_prompts)
     app = build_app(run, batcher, title=f"dalle-jax · {Path(run_dir).name}")
     # Concurrent requests each wait in a handler thread while the Batcher groups them into sampler calls.

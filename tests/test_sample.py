@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from dalle_jax import sharding
+from dalle_jax.errors import ConfigError
 from dalle_jax.models.prior import Prior, PriorConfig
 from dalle_jax.sampling import sampler as sample_lib
 from dalle_jax.sampling.sampler import SampleConfig, cached_logits, filter_logits, sample_reference, sample_tokens
@@ -303,3 +304,31 @@ def test_sharded_sampling_equals_single_device():
     np.testing.assert_array_equal(sharded, single)
     cache = sample_lib._Placement(mesh, rules).cache(SPARSE, 8, jnp.float32)
     assert cache["k"].sharding.spec == PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
+
+
+def test_bf16_serving_stays_within_its_stated_bound_of_fp32():
+    """`sample --dtype bfloat16` (blocks' weights, compute and KV cache in bf16): over every decode step of 16
+    teacher-forced sequences, the image logits stay within 0.1 of fp32's (max abs; their std is ~1 here) and a
+    token drawn with the same uniform from each agrees at >= 95% of steps. Measured on 5 draws of this test:
+    max error 0.023-0.025, agreement 97.7-99.6%."""
+    from dalle_jax.sampling.sampler import serving_prior
+
+    model, rng = _model(SPARSE), np.random.default_rng()
+    bf16 = serving_prior(model, "bfloat16")
+    assert bf16.config.compute_dtype == "bfloat16" and bf16.layers["wq"][...].dtype == jnp.bfloat16
+    assert bf16.image_head[...].dtype == jnp.float32 and bf16.layers["ln1_scale"][...].dtype == jnp.float32
+    assert serving_prior(model, "float32") is model
+    text, image = _captions(16, rng, SPARSE), _images(16, rng, SPARSE)
+    exact = cached_logits(model, text, image)
+    served = cached_logits(bf16, text, image)
+    assert np.abs(served - exact).max() < 0.1 and exact.std() > 0.5
+    uniforms = rng.random(exact.shape[:2] + (1,))
+
+    def draw(logits):  # inverse-CDF draws with shared uniforms: the same token unless the CDF moved past u
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
+        return (cdf < uniforms).sum(-1)
+
+    assert (draw(served) == draw(exact)).mean() >= 0.95
+    with pytest.raises(ConfigError, match="--dtype float16"):
+        serving_prior(model, "float16")

@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="classifier-free guidance s (1 = plain conditional, the paper; needs caption dropout "
                           "in training)")
     how.add_argument("--batch-size", type=int, default=64, help="candidates per sampler call (default 64)")
+    how.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="the prior's block weights, compute and KV cache while sampling (default float32; "
+                          "bfloat16 halves the bytes each decode step reads, docs/performance.md states its error)")
     how.add_argument("--mesh", help="D,F,T: sample on a (data, fsdp, tensor) mesh of this host's devices, one -1 "
                                     "fills (e.g. -1,1,1 = data-parallel over all); default one device")
     parser.add_argument("--out-dir", required=True, help="directory for the PNGs, samples.jsonl and grid.png")
@@ -106,7 +109,8 @@ def _sample(args: argparse.Namespace) -> int:
     image = read_image(args.image_prefix) if args.image_prefix else None
     mesh = sampling_mesh(args.mesh)  # all of these before loading anything
     writer = SampleWriter(args.out_dir, args.seed)
-    run = load_run(args.run, dvae=args.dvae, prior=args.prior, clip=args.clip, rerank=not args.no_rerank)
+    run = load_run(args.run, dvae=args.dvae, prior=args.prior, clip=args.clip, rerank=not args.no_rerank,
+                   dtype=args.dtype)
     prefix = prefix_from_image(run, image, args.prefix_rows) if image is not None else None
     # A parameter the mesh cannot shard raises ShardingError, printed by the entry point like every input error.
     sample_and_rerank(run, prompts, num_samples=args.num_samples, top=args.top, seed=args.seed, sample_config=cfg,

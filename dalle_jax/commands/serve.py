@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-batch-prompts", type=int, default=8,
                         help="at most this many concurrent requests share one sampler call (default 8)")
     parser.add_argument("--no-rerank", action="store_true", help="skip CLIP: show the first samples drawn")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the prior's block weights, compute and KV cache (default float32; see `sample --help`)")
     parser.set_defaults(func=_serve)
 
 
@@ -44,5 +46,5 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_batch_prompts < 1:
         raise InputError(f"--max-batch-prompts {args.max_batch_prompts} must be at least 1")
     serve(args.run, host=args.host, port=args.port, batch_size=args.batch_size, max_prompts=args.max_batch_prompts,
-          rerank=not args.no_rerank)
+          rerank=not args.no_rerank, dtype=args.dtype)
     return 0

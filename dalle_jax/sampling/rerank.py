@@ -37,7 +37,7 @@ from dalle_jax.data.tokenizer import CaptionTruncatedWarning, TextTokenizer
 from dalle_jax.errors import InputError
 from dalle_jax.models.dvae import DVAE
 from dalle_jax.models.prior import Prior
-from dalle_jax.sampling.sampler import SampleConfig, sample_tokens
+from dalle_jax.sampling.sampler import SERVING_DTYPES, SampleConfig, sample_tokens, serving_prior
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,21 @@ def _stage_dir(run: str | Path | None, explicit: str | Path | None, stage: str) 
 
 
 def load_run(run: str | Path | None = None, *, dvae: str | Path | None = None, prior: str | Path | None = None,
-             clip: str | Path | None = None, rerank: bool = True) -> LoadedRun:
-    """Loads RUN/{dvae,prior,clip} (or explicit directories) and checks they fit together before compiling."""
+             clip: str | Path | None = None, rerank: bool = True, dtype: str = "float32") -> LoadedRun:
+    """Loads RUN/{dvae,prior,clip} (or explicit directories) and checks they fit together before compiling.
+
+    `dtype` "bfloat16" samples with the prior's block weights, compute and KV cache in bf16
+    (`sampler.serving_prior`)."""
     dvae_dir, prior_dir = _stage_dir(run, dvae, "dvae"), _stage_dir(run, prior, "prior")
     if dvae_dir is None or prior_dir is None:
         raise SampleInputError("pass --run RUN (holding dvae/, prior/ and clip/) or both --dvae and --prior")
     for name, directory in (("dVAE", dvae_dir), ("prior", prior_dir)):
         if not directory.is_dir():
             raise SampleInputError(f"{name} directory {directory} does not exist")
+    if dtype not in SERVING_DTYPES:
+        raise SampleInputError(f"--dtype {dtype}: choose one of {', '.join(SERVING_DTYPES)}")
     prior_model, tokenizer, config = runs.load_prior(prior_dir)
+    prior_model = serving_prior(prior_model, dtype)
     dvae_model = runs.load_dvae(dvae_dir)
     p, d = prior_model.config, dvae_model.config
     if d.vocab_size != p.image_vocab_size:

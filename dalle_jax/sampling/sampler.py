@@ -299,6 +299,26 @@ def split_model(model: Prior | tuple[Any, Any]) -> tuple[Any, dict]:
     return graphdef, params
 
 
+SERVING_DTYPES = ("float32", "bfloat16")
+
+
+def serving_prior(model: Prior, dtype: str = "bfloat16") -> Prior:
+    """The prior for sampling in `dtype`: its blocks' matrices and biases stored in it (a decode step reads every
+    weight once, so bf16 halves those bytes), computing in it, and a KV cache in it by default; LayerNorm,
+    embeddings, the heads, softmax and logits stay fp32. float32 returns the model unchanged."""
+    if dtype not in SERVING_DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(SERVING_DTYPES)}")
+    if dtype == "float32":
+        return model
+    config = dataclasses.replace(model.config, compute_dtype=dtype)
+    with nnx.use_eager_sharding(False):
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Prior(config, rngs=nnx.Rngs(0))), nnx.Param)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params["layers"] = {name: value.astype(dtype) if name[0] in "wb" else value
+                        for name, value in params["layers"].items()}
+    return nnx.merge(graphdef, nnx.State(params))
+
+
 def _config_of(graphdef: Any, params: dict) -> PriorConfig:
     return nnx.merge(graphdef, nnx.State(params)).config
 
