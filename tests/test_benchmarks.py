@@ -185,3 +185,20 @@ def test_shapes_render_entry_reports_consistent_figures():
         1e3 / figures["examples_per_s_median"]["value"]
     )
     assert record["config"]["image_size"] == 64
+
+
+def test_sampler_roofline_counts_the_bytes_a_decode_step_reads():
+    """The roofline's weight bytes are exactly the prior's block parameters (in the serving dtype) plus the fp32
+    image head, and its cache bytes the (layers, batch, seq_len, heads, head_dim) k and v buffers the sampler
+    allocates."""
+    from benchmarks.bench_prior import bench_configs
+    from benchmarks.bench_sampler import _random_prior, step_bytes
+    from dalle_jax.sampling.sampler import cache_shape
+
+    config, _ = bench_configs(quick=True)
+    for dtype, width in (("float32", 4), ("bfloat16", 2)):
+        model = _random_prior(config, dtype)
+        layers = sum(leaf.nbytes for leaf in jax.tree.leaves({k: v[...] for k, v in model.layers.items()}))
+        counted = step_bytes(config, batch=3, dtype=dtype)
+        assert counted["weights"] == layers + model.image_head[...].nbytes
+        assert counted["kv_cache"] == 2 * math.prod(cache_shape(config, 3)) * width
