@@ -4,6 +4,7 @@ preset trains for seconds; the demo preset's numbers are measured and reported i
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -73,6 +74,9 @@ def test_sample_command_on_the_demo_run(quick_run, tmp_path):
                   "--prompt", "a red square", "--num-samples", "3", "--top", "2", "--seed", "5", "--quiet",
                   "--out-dir", str(out), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    split = re.search(r"sampling ([\d.]+) s, decoding ([\d.]+) s, scoring ([\d.]+) s .*peak RSS (\d+) MiB",
+                      result.stdout)  # where the time went, and the memory high-water mark
+    assert split and float(split[1]) > 0 and int(split[4]) > 100, result.stdout
     lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [(r["prompt_index"], r["rank"]) for r in lines] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(set(r) >= {"prompt_index", "prompt", "rank", "file", "clip_score", "seed"} for r in lines)

@@ -81,6 +81,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def sampling_mesh(text: str | None) -> jax.sharding.Mesh | None:
     """`--mesh D,F,T` -> a (data, fsdp, tensor) mesh over this host's devices; None -> None (one device)."""
     if text is None:
@@ -113,9 +120,12 @@ def _sample(args: argparse.Namespace) -> int:
                    dtype=args.dtype)
     prefix = prefix_from_image(run, image, args.prefix_rows) if image is not None else None
     # A parameter the mesh cannot shard raises ShardingError, printed by the entry point like every input error.
+    timings: dict[str, float] = {}
     sample_and_rerank(run, prompts, num_samples=args.num_samples, top=args.top, seed=args.seed, sample_config=cfg,
                       batch_size=args.batch_size, prefix=prefix, mesh=mesh, progress=not args.quiet,
-                      on_prompt=writer.add)  # each prompt's files are written as soon as it is done
+                      on_prompt=writer.add, timings=timings)  # each prompt's files are written as soon as it is done
     grid = writer.finish()
     print(f"sample: {len(prompts)} prompt(s) x top {args.top} of {args.num_samples} -> {args.out_dir} ({grid.name})")
+    split = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
+    print(f"sample: {split} (first calls include compilation); peak RSS {peak_rss_mib():.0f} MiB")
     return 0

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -206,14 +207,16 @@ def check_counts(num_samples: int, top: int, batch_size: int) -> None:
 def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, top: int, seed: int,
                       sample_config: SampleConfig | None = None, batch_size: int = 64,
                       prefix: np.ndarray | None = None, mesh=None, rules=None, progress: bool = True,
-                      on_prompt: Callable[[int, str, list[RankedSample]], None] | None = None
-                      ) -> list[list[RankedSample]]:
+                      on_prompt: Callable[[int, str, list[RankedSample]], None] | None = None,
+                      timings: dict[str, float] | None = None) -> list[list[RankedSample]]:
     """For each prompt, `num_samples` candidates reranked by CLIP; the best `top` in score order.
 
     Candidates are drawn, decoded and scored `batch_size` at a time and only the best `top` so far are kept, so
     memory does not grow with `num_samples` (the order is that of a stable sort of all N scores, best first, ties
     by draw index). Without a reranker only the first `top` draws are made (later draws would not change them).
     `on_prompt(p, prompt, kept)` is called as each prompt finishes (`SampleWriter.add` writes its files then).
+    `timings`, if given, accumulates the seconds spent "sampling" (the prior), "decoding" (the dVAE) and "scoring"
+    (CLIP, and keeping the best).
     """
     from tqdm.auto import tqdm
 
@@ -235,15 +238,28 @@ def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, t
         for start in range(0, drawn, batch_size):
             count = min(batch_size, drawn - start)
             batch_prefix = None if prefix is None else np.broadcast_to(prefix, (count, *prefix.shape))
+            clock = time.perf_counter()
             tokens = sample_tokens(prior, np.repeat(text[p : p + 1], count, axis=0), seed, cfg, pad_ids=pads,
                                    prefix=batch_prefix, mesh=mesh, rules=rules, sample_offset=p * num_samples + start)
-            kept = _keep_best(run, kept, decode_images(run, tokens), clip_ids, start, top)
+            clock = _lap(timings, "sampling", clock)
+            images = decode_images(run, tokens)
+            clock = _lap(timings, "decoding", clock)
+            kept = _keep_best(run, kept, images, clip_ids, start, top)
+            _lap(timings, "scoring", clock)
             bar.update(count)
         results.append(kept[:top])
         if on_prompt is not None:
             on_prompt(p, prompt, results[-1])
     bar.close()
     return results
+
+
+def _lap(timings: dict[str, float] | None, name: str, since: float) -> float:
+    """Adds the seconds since `since` to timings[name] (if timings is given); returns now."""
+    now = time.perf_counter()
+    if timings is not None:
+        timings[name] = timings.get(name, 0.0) + now - since
+    return now
 
 
 def _keep_best(run: LoadedRun, kept: list[RankedSample], images: np.ndarray, clip_ids: np.ndarray | None,
