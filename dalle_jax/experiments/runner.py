@@ -61,8 +61,6 @@ def stage_key(config: Config, stage: str) -> str:
         section = dataclasses.asdict(getattr(config, name))
         section.pop("data_dir", None)
         sections[name] = section
-    if stage == "dvae" and config.prior_train.encoded_topk:  # its token set also keeps the top-k posterior
-        sections["posterior_topk"] = config.prior_train.encoded_topk
     digest = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{stage}-{digest}"
 
@@ -133,7 +131,8 @@ class Runner:
         if "prior" in stages or "clip" in stages:
             tokenizer = self.shared(config, "tokenizer", lambda d: self._tokenizer(config, dataset, d))["path"]
         builds = {"dvae": lambda d: self._dvae(config, dataset, d),
-                  "prior": lambda d: self._prior(config, summaries["dvae"]["tokens"], tokenizer, d),
+                  "prior": lambda d: self._prior(config, self._tokens(config, summaries["dvae"], dataset), tokenizer,
+                                                 d),
                   "clip": lambda d: self._clip(config, dataset, tokenizer, d)}
         summaries: dict[str, dict] = {}
         diverged = None
@@ -194,8 +193,19 @@ class Runner:
         if summary["preempted"] or "prior" not in self.experiment.stages:  # tokens only feed a prior
             return {"metrics": _metrics(summary), "preempted": summary["preempted"]}
         tokens = encode_dataset(runs.stage_dir(directory, "dvae"), dataset, runs.tokens_dir(directory),
-                                posterior_topk=config.prior_train.encoded_topk, progress=self.progress)
+                                progress=self.progress)
         return {"metrics": _metrics(summary), "tokens": str(tokens)}
+
+    def _tokens(self, config: Config, dvae: dict, dataset: str) -> str:
+        """The token set the cell's prior reads: the dVAE stage's argmax tokens, or (for a prior trained on the
+        posterior) a second set beside them with the top-k posterior, encoded once by the same dVAE."""
+        from dalle_jax.encode import encode_dataset
+
+        topk = config.prior_train.encoded_topk
+        if not topk:
+            return dvae["tokens"]
+        return str(encode_dataset(runs.stage_dir(dvae["dir"], "dvae"), dataset, runs.tokens_dir(dvae["dir"]),
+                                  posterior_topk=topk, progress=self.progress))
 
     def _prior(self, config: Config, tokens: str, tokenizer: str, directory: Path) -> dict:
         summary = train_stage("prior", config, directory, data=tokens, tokenizer=tokenizer, progress=self.progress)
