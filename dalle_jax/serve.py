@@ -181,7 +181,10 @@ def build_app(run: LoadedRun, batcher: Batcher, title: str = "dalle-jax") -> Any
         return gallery, (f"{len(kept)} of {settings.num_samples} candidates for “{caption.strip()}”, {how}; "
                          f"seed {settings.seed}")
 
-    with gr.Blocks(title=title) as app:
+    # Nothing leaves the machine: no usage analytics, and system fonts instead of Google Fonts in the page.
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])
+    with gr.Blocks(title=title, analytics_enabled=False, theme=theme) as app:
         gr.Markdown(f"# {title}\nType a caption; the prior draws candidates, the dVAE decodes them and the CLIP "
                     "reranker keeps the best. Optionally give an image: its top rows are kept and completed.")
         with gr.Row():
@@ -215,8 +218,11 @@ def build_app(run: LoadedRun, batcher: Batcher, title: str = "dalle-jax") -> Any
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 7860, batch_size: int = 64,
           max_prompts: int = 8, rerank: bool = True, dtype: str = "float32", block: bool = True) -> Any:
     """Loads the run once and serves the page; returns the launched app (with block=False, for tests)."""
+    import os
+
     from dalle_jax.sampling.rerank import load_run
 
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home, before Gradio is imported
     run = load_run(run_dir, rerank=rerank, dtype=dtype)
     batcher = Batcher(run, batch_size=batch_size, max_prompts=max_prompts)
     app = build_app(run, batcher, title=f"dalle-jax · {Path(run_dir).name}")
