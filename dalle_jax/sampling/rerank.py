@@ -38,7 +38,7 @@ from dalle_jax.data.tokenizer import CaptionTruncatedWarning, TextTokenizer
 from dalle_jax.errors import InputError
 from dalle_jax.models.dvae import DVAE
 from dalle_jax.models.prior import Prior
-from dalle_jax.sampling.sampler import SERVING_DTYPES, SampleConfig, sample_tokens, serving_prior
+from dalle_jax.sampling.sampler import SampleConfig, check_serving_dtype, sample_tokens, serving_prior
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,7 @@ def load_run(run: str | Path | None = None, *, dvae: str | Path | None = None, p
     for name, directory in (("dVAE", dvae_dir), ("prior", prior_dir)):
         if not directory.is_dir():
             raise SampleInputError(f"{name} directory {directory} does not exist")
-    if dtype not in SERVING_DTYPES:
-        raise SampleInputError(f"--dtype {dtype}: choose one of {', '.join(SERVING_DTYPES)}")
+    check_serving_dtype(dtype)  # before anything loads
     prior_model, tokenizer, config = runs.load_prior(prior_dir)
     prior_model = serving_prior(prior_model, dtype)
     dvae_model = runs.load_dvae(dvae_dir)
@@ -220,38 +219,78 @@ def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, t
     """
     from tqdm.auto import tqdm
 
-    check_counts(num_samples, top, batch_size)
-    text = encode_prompts(run.tokenizer, prompts)
-    pads = run.tokenizer.pad_ids()
-    cfg = dataclasses.replace(sample_config or SampleConfig(), prefix_rows=0 if prefix is None else len(prefix))
+    text, cfg, drawn = _prepare_prompts(run, prompts, num_samples, top, batch_size, sample_config, prefix)
     params = nnx.state(run.prior, nnx.Param)  # split once, not per batch
     if mesh is not None:
         rules = rules if rules is not None else sharding.DEFAULT_RULES  # the sampler's default too
         params = sharding.shard_state(params, mesh, rules)
     prior = (nnx.graphdef(run.prior), params)
-    drawn = num_samples if run.clip is not None else top
     bar = tqdm(total=len(prompts) * drawn, desc="candidates", unit="sample", disable=not progress, dynamic_ncols=True)
     results = []
     for p, prompt in enumerate(prompts):
-        kept: list[RankedSample] = []
-        clip_ids = None if run.clip is None else run.clip_tokenizer.encode([prompt])  # once per prompt
-        for start in range(0, drawn, batch_size):
-            count = min(batch_size, drawn - start)
-            batch_prefix = None if prefix is None else np.broadcast_to(prefix, (count, *prefix.shape))
-            clock = time.perf_counter()
-            tokens = sample_tokens(prior, np.repeat(text[p : p + 1], count, axis=0), seed, cfg, pad_ids=pads,
-                                   prefix=batch_prefix, mesh=mesh, rules=rules, sample_offset=p * num_samples + start)
-            clock = _lap(timings, "sampling", clock)
-            images = decode_images(run, tokens)
-            clock = _lap(timings, "decoding", clock)
-            kept = _keep_best(run, kept, images, clip_ids, start, top)
-            _lap(timings, "scoring", clock)
-            bar.update(count)
-        results.append(kept[:top])
+        kept = _draw_and_rank(run, prior, [prompt], text[p : p + 1], [p * num_samples], drawn=drawn, top=top, seed=seed,
+                              cfg=cfg, per_call=batch_size, prefix=prefix, mesh=mesh, rules=rules, timings=timings,
+                              on_batch=lambda done, p=p: bar.update(p * drawn + done - bar.n))[0]
+        results.append(kept)
         if on_prompt is not None:
-            on_prompt(p, prompt, results[-1])
+            on_prompt(p, prompt, kept)
     bar.close()
     return results
+
+
+def sample_and_rerank_together(run: LoadedRun, prompts: list[str], *, num_samples: int, top: int, seed: int,
+                               sample_config: SampleConfig | None = None, batch_size: int = 64,
+                               prefix: np.ndarray | None = None,
+                               on_progress: Callable[[int, int], None] | None = None) -> list[list[RankedSample]]:
+    """Prompts that share every setting, drawn in the same sampler calls, each exactly as if it were alone:
+    prompt p's candidate i is sample i of `seed`'s stream, as `sample_and_rerank(run, [prompt], ...)` draws it, so
+    a request served in a batch with others gets the images it would get alone (`dalle-jax serve` batches
+    concurrent requests this way). A call holds `batch_size` candidates in all, split between the prompts;
+    `on_progress(done, total)` follows the candidates drawn per prompt."""
+    text, cfg, drawn = _prepare_prompts(run, prompts, num_samples, top, batch_size, sample_config, prefix)
+    prior = (nnx.graphdef(run.prior), nnx.state(run.prior, nnx.Param))
+    report = None if on_progress is None else (lambda done: on_progress(done, drawn))
+    return _draw_and_rank(run, prior, prompts, text, [0] * len(prompts), drawn=drawn, top=top, seed=seed, cfg=cfg,
+                          per_call=max(1, batch_size // len(prompts)), prefix=prefix, on_batch=report)
+
+
+def _prepare_prompts(run: LoadedRun, prompts: list[str], num_samples: int, top: int, batch_size: int,
+                     sample_config: SampleConfig | None, prefix: np.ndarray | None
+                     ) -> tuple[np.ndarray, SampleConfig, int]:
+    """(caption ids (P, T), the sample config with the prefix's rows, candidates to draw per prompt)."""
+    check_counts(num_samples, top, batch_size)
+    text = encode_prompts(run.tokenizer, prompts)
+    cfg = dataclasses.replace(sample_config or SampleConfig(), prefix_rows=0 if prefix is None else len(prefix))
+    return text, cfg, num_samples if run.clip is not None else top
+
+
+def _draw_and_rank(run: LoadedRun, prior: tuple[Any, Any], prompts: list[str], text: np.ndarray, offsets: list[int],
+                   *, drawn: int, top: int, seed: int, cfg: SampleConfig, per_call: int,
+                   prefix: np.ndarray | None = None, mesh=None, rules=None, timings: dict[str, float] | None = None,
+                   on_batch: Callable[[int], None] | None = None) -> list[list[RankedSample]]:
+    """Candidates 0 .. drawn - 1 of each prompt (caption ids `text[p]`; candidate i is sample offsets[p] + i of
+    `seed`'s stream), `per_call` of every prompt in each sampler call (rows prompt-major); each batch is decoded and
+    scored, and only the best `top` per prompt are kept. `on_batch(done)`: candidates drawn per prompt so far;
+    `timings` as in `sample_and_rerank`."""
+    clip_ids = [None if run.clip is None else run.clip_tokenizer.encode([prompt]) for prompt in prompts]
+    kept: list[list[RankedSample]] = [[] for _ in prompts]
+    for start in range(0, drawn, per_call):
+        count = min(per_call, drawn - start)
+        rows = len(prompts) * count  # prompt p's rows are p * count ... (p + 1) * count - 1
+        batch_prefix = None if prefix is None else np.broadcast_to(prefix, (rows, *prefix.shape))
+        sample_ids = (np.asarray(offsets)[:, None] + np.arange(start, start + count)).reshape(-1)
+        clock = time.perf_counter()
+        tokens = sample_tokens(prior, np.repeat(text, count, axis=0), seed, cfg, pad_ids=run.tokenizer.pad_ids(),
+                               prefix=batch_prefix, mesh=mesh, rules=rules, sample_offset=sample_ids)
+        clock = _lap(timings, "sampling", clock)
+        images = decode_images(run, tokens)
+        clock = _lap(timings, "decoding", clock)
+        for p in range(len(prompts)):
+            kept[p] = _keep_best(run, kept[p], images[p * count : (p + 1) * count], clip_ids[p], start, top)
+        _lap(timings, "scoring", clock)
+        if on_batch is not None:
+            on_batch(start + count)
+    return [k[:top] for k in kept]
 
 
 def _lap(timings: dict[str, float] | None, name: str, since: float) -> float:
@@ -271,38 +310,6 @@ def _keep_best(run: LoadedRun, kept: list[RankedSample], images: np.ndarray, cli
     scores = clip_scores(run, images, clip_ids)
     kept = kept + [RankedSample(images[i], float(scores[i]), start + i) for i in range(len(images))]
     return sorted(kept, key=lambda c: (-c.clip_score, c.sample_index))[:top]
-
-
-def sample_and_rerank_together(run: LoadedRun, prompts: list[str], *, num_samples: int, top: int, seed: int,
-                               sample_config: SampleConfig | None = None, batch_size: int = 64,
-                               prefix: np.ndarray | None = None,
-                               on_progress: Callable[[int, int], None] | None = None) -> list[list[RankedSample]]:
-    """Prompts that share every setting, drawn in the same sampler calls, each exactly as if it were alone:
-    prompt p's candidate i is sample i of `seed`'s stream, as `sample_and_rerank(run, [prompt], ...)` draws it, so
-    a request served in a batch with others gets the images it would get alone (`dalle-jax serve` batches
-    concurrent requests this way). A call holds `batch_size` candidates in all, split between the prompts;
-    `on_progress(done, total)` follows the candidates drawn."""
-    check_counts(num_samples, top, batch_size)
-    text = encode_prompts(run.tokenizer, prompts)
-    cfg = dataclasses.replace(sample_config or SampleConfig(), prefix_rows=0 if prefix is None else len(prefix))
-    prior = (nnx.graphdef(run.prior), nnx.state(run.prior, nnx.Param))
-    clip_ids = [None if run.clip is None else run.clip_tokenizer.encode([p]) for p in prompts]
-    drawn = num_samples if run.clip is not None else top
-    per_call = max(1, batch_size // len(prompts))
-    kept: list[list[RankedSample]] = [[] for _ in prompts]
-    for start in range(0, drawn, per_call):
-        count = min(per_call, drawn - start)
-        rows = len(prompts) * count  # prompt-major: prompt p's rows are p * count ... (p + 1) * count - 1
-        batch_prefix = None if prefix is None else np.broadcast_to(prefix, (rows, *prefix.shape))
-        tokens = sample_tokens(prior, np.repeat(text, count, axis=0), seed, cfg, pad_ids=run.tokenizer.pad_ids(),
-                               prefix=batch_prefix, sample_offset=np.tile(np.arange(start, start + count),
-                                                                          len(prompts)))
-        images = decode_images(run, tokens)
-        for p in range(len(prompts)):
-            kept[p] = _keep_best(run, kept[p], images[p * count : (p + 1) * count], clip_ids[p], start, top)
-        if on_progress is not None:
-            on_progress(start + count, drawn)
-    return [k[:top] for k in kept]
 
 
 # Files `SampleWriter` writes: {p:04d}_{r:02d}.png, samples.jsonl, grid.png.
