@@ -302,12 +302,16 @@ def split_model(model: Prior | tuple[Any, Any]) -> tuple[Any, dict]:
 SERVING_DTYPES = ("float32", "bfloat16")
 
 
+def check_serving_dtype(dtype: str) -> None:
+    if dtype not in SERVING_DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(SERVING_DTYPES)}")
+
+
 def serving_prior(model: Prior, dtype: str = "bfloat16") -> Prior:
     """The prior for sampling in `dtype`: its blocks' matrices and biases stored in it (a decode step reads every
     weight once, so bf16 halves those bytes), computing in it, and a KV cache in it by default; LayerNorm,
     embeddings, the heads, softmax and logits stay fp32. float32 returns the model unchanged."""
-    if dtype not in SERVING_DTYPES:
-        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(SERVING_DTYPES)}")
+    check_serving_dtype(dtype)
     if dtype == "float32":
         return model
     config = dataclasses.replace(model.config, compute_dtype=dtype)
