@@ -230,9 +230,6 @@ class Prior(nnx.Module):
         blocks = query_blocks(c) if full and c.attention_impl == "blocked" else None
         use_splash = full and c.attention_impl == "splash"
         dtype = jnp.dtype(c.compute_dtype)
-        train_dropout = c.dropout > 0 and dropout_key is not None
-        keys = (jax.random.split(dropout_key, c.n_layers) if train_dropout
-                else jnp.zeros((c.n_layers,), jnp.uint32))
 
         params = {name: value[...] for name, value in self.layers.items()}
         if cache is not None:
@@ -249,6 +246,10 @@ class Prior(nnx.Module):
             (x, k_all, v_all), _ = jax.lax.scan(cached_layer, (x, cache["k"], cache["v"]),
                                                 (params, jnp.asarray(layer_index), jnp.arange(c.n_layers)))
             return layer_norm(x, self.final_scale[...], self.final_bias[...]), {"k": k_all, "v": v_all}
+
+        train_dropout = c.dropout > 0 and dropout_key is not None
+        keys = (jax.random.split(dropout_key, c.n_layers) if train_dropout
+                else jnp.zeros((c.n_layers,), jnp.uint32))
 
         def layer(x, xs):
             p, mask_index, key = xs
