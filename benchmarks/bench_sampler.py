@@ -22,7 +22,6 @@ bound, so its FLOP/s is compared with the best measured fp32 matmul peak.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -71,15 +70,10 @@ def _time_ours(config: Any, dtype: str, batch: int, repeats: int) -> dict[str, f
 
     model = _random_prior(config, dtype)
     text = np.random.default_rng(0).integers(0, config.text_vocab_size, (batch, config.text_len)).astype(np.int32)
-    start = time.perf_counter()
-    sample_tokens(model, text, 0, SampleConfig())
-    first = time.perf_counter() - start
-    times = []
-    for seed in range(1, repeats + 1):
-        start = time.perf_counter()
-        sample_tokens(model, text, seed, SampleConfig())
-        times.append(time.perf_counter() - start)
-    return {"first_s": first, "median_s": float(np.median(times)), "best_s": min(times)}
+    draw = lambda: sample_tokens(model, text, 0, SampleConfig())  # noqa: E731
+    first = machine.time_fn(draw, repeats=1, warmup=0)  # compiles
+    timing = machine.time_fn(draw, repeats=repeats, warmup=0)
+    return {"first_s": first.best_s, "median_s": timing.median_s, "best_s": timing.best_s}
 
 
 def _time_torch(config: Any, use_cache: bool) -> float:
@@ -87,9 +81,8 @@ def _time_torch(config: Any, use_cache: bool) -> float:
 
     run = build_torch_run(config, TORCH_BATCH)
     run.model.eval()
-    start = time.perf_counter()
-    run.model.generate_images(run.text, use_cache=use_cache)
-    return time.perf_counter() - start
+    return machine.time_fn(lambda: run.model.generate_images(run.text, use_cache=use_cache), repeats=1,
+                           warmup=0).best_s
 
 
 @benchmark("sampler", help="image tokens/s and ms per decode step of the cached sampler (fp32, bf16) vs DALLE-pytorch "
