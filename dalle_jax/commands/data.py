@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from dalle_jax import runs
-from dalle_jax.data import folder
+from dalle_jax.commands.common import add_distributed_args
+from dalle_jax.data import folder, shards
 from dalle_jax.data.shapes import SPLITS, TEMPLATES, ShapesSpec, build_shapes, parse_holdout
 from dalle_jax.errors import InputError
 
@@ -25,6 +26,7 @@ def register(stages: argparse._SubParsersAction) -> None:
     commands = data.add_subparsers(dest="data_command", metavar="<command>")
     register_shapes(commands)
     register_folder(commands)
+    register_shards(commands)
     register_show(commands)
 
 
@@ -132,6 +134,60 @@ def _folder(args: argparse.Namespace) -> int:
         spec = folder.FolderSpec(args.source, args.image_size, args.manifest, args.validation_fraction, args.seed)
         folder.build_folder(args.out, spec, overwrite=args.overwrite, verbose=True)
     except (FileNotFoundError, NotADirectoryError, FileExistsError, folder.FolderInputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+def register_shards(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "shards",
+        help="turn web-dataset tar shards or parquet files (img2dataset, LAION, CC3M) into a TFDS dataset",
+        description=shards.__doc__.split("\n\n", 1)[0].replace("\n", " ") + "\n\n" + (
+            "Tar shards hold KEY.jpg|png|webp + KEY.txt (+ KEY.json); parquet files hold image bytes and a caption\n"
+            "per row. Every bad record is skipped and named (shard:key) with its reason in build_report.json. Shard i\n"
+            "is converted by a local worker (--workers) on host i %% hosts; host 0 then writes the dataset\n"
+            "OUT/captioned_shards/<config>/1.0.0, which the command prints. An interrupted build resumes."),
+        epilog=(
+            "examples:\n"
+            "  dalle-jax data shards ~/cc3m/ --out ~/tensorflow_datasets --image-size 64 --workers 8\n"
+            "  dalle-jax data shards train-*.parquet --out data --image-column image --caption-column text\n"
+            "  on every host of a pod:  DALLE_JAX_DISTRIBUTED=1 dalle-jax data shards gs://... --out gs://..."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("sources", nargs="+", metavar="SRC", help=".tar / .parquet files, or folders holding them")
+    parser.add_argument("--out", required=True, metavar="DIR", help="TFDS data dir to write into")
+    parser.add_argument("--image-size", type=int, default=64, metavar="S", help="output side (default 64)")
+    parser.add_argument("--image-column", metavar="NAME",
+                        help=f"parquet image column (default: the first of {', '.join(shards.IMAGE_COLUMNS)})")
+    parser.add_argument("--caption-column", metavar="NAME",
+                        help=f"parquet caption column (default: the first of {', '.join(shards.CAPTION_COLUMNS)})")
+    parser.add_argument("--validation-fraction", type=float, default=0.05, metavar="F",
+                        help="held-out share (default 0.05)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="salt of the split hash (default 0)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="local processes converting shards in parallel (default 1)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild if the shards changed since the last build")
+    add_distributed_args(parser)
+    parser.set_defaults(func=_shards)
+
+
+def _shards(args: argparse.Namespace) -> int:
+    import jax
+
+    from dalle_jax import distributed
+
+    if args.workers < 1:
+        raise InputError(f"--workers {args.workers} must be at least 1")
+    try:
+        spec = shards.ShardsSpec(tuple(args.sources), args.image_size, args.image_column, args.caption_column,
+                                 args.validation_fraction, args.seed)
+        shards.build_shards(args.out, spec, workers=args.workers, overwrite=args.overwrite,
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            verbose=distributed.is_main(), barrier=distributed.barrier)
+    except (FileNotFoundError, FileExistsError, folder.FolderInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -51,6 +51,10 @@ SKIP_REASONS = (
     "repeated folder link",
     "malformed manifest line",
     "missing file",
+    # web-dataset tar shards and parquet files (dalle_jax.data.shards)
+    "missing image",
+    "duplicate key",
+    "unreadable shard",
 )
 _MODE_NAMES = {
     "L": "grayscale (L)",
@@ -101,6 +105,7 @@ class BuildReport:
     ``details`` maps an entry to the underlying error message where one helps (e.g. the decoder's).
     """
 
+    kind: str = "folder"  # what was read: "folder" or "shards"; the summary's first word
     kept: int = 0
     splits: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, list[str]] = field(default_factory=dict)
@@ -121,7 +126,7 @@ class BuildReport:
         skipped = [f"{len(self.skipped[r])} {r}" for r in SKIP_REASONS if self.skipped.get(r)]
         converted = [f"{len(files)} {_MODE_NAMES.get(m, m)}" for m, files in sorted(self.converted.items())]
         return (
-            f"folder dataset: {self.kept} images kept ({splits}); "
+            f"{self.kind} dataset: {self.kept} images kept ({splits}); "
             f"skipped: {', '.join(skipped) or 'none'}; "
             f"converted: {', '.join(converted) or 'none'}; "
             f"upscaled: {len(self.upscaled)}"
@@ -146,6 +151,10 @@ class BuildReport:
         return {**dataclasses.asdict(self), "summary": self.summary()}
 
 
+# Why a record is unusable: (report reason, detail saying what to do, or None).
+CaptionProblem = tuple[str, str | None]
+
+
 class CaptionedImage(NamedTuple):
     """One usable image: its absolute path and normalised caption."""
 
@@ -156,7 +165,7 @@ class CaptionedImage(NamedTuple):
 # ----------------------------------------------------------------------------------------------- images
 
 
-def _mode_label(img: Image.Image) -> str | None:
+def mode_label(img: Image.Image) -> str | None:
     """The conversion an image needs, as the report's key; None for plain RGB."""
     if img.mode == "RGB":
         return None
@@ -192,7 +201,7 @@ def preprocess_image(img: Image.Image, size: int) -> tuple[np.ndarray, list[str]
         The image and notes on what was done beyond resizing ("converted from RGBA", "upscaled from 10x7").
     """
     notes = []
-    label = _mode_label(img)
+    label = mode_label(img)
     if label is not None:
         notes.append(f"converted from {label}")
     width, height = img.size
@@ -208,7 +217,7 @@ def preprocess_image(img: Image.Image, size: int) -> tuple[np.ndarray, list[str]
     return np.asarray(cropped, dtype=np.uint8), notes  # (S, S, 3)
 
 
-def _decode(data: bytes) -> Image.Image:
+def decode_image(data: bytes) -> Image.Image:
     """Fully decodes one image (so truncation surfaces now) and applies its EXIF orientation."""
     img = Image.open(io.BytesIO(data))
     img.load()
@@ -217,9 +226,35 @@ def _decode(data: bytes) -> Image.Image:
     return img
 
 
+def open_image(data: bytes, named_as_image: bool) -> tuple[Image.Image | None, CaptionProblem | None]:
+    """(image, None), fully decoded, or (None, (report reason, detail)): "decompression bomb", "corrupt" (damaged
+    data, or undecodable bytes named like an image) or "non-image". PIL raises many exception types on damaged
+    data; every one is a reason here, never a crash."""
+    try:  # identify from the header first
+        Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        return None, ("decompression bomb", str(err))
+    except UnidentifiedImageError:
+        return None, ("corrupt", "not decodable as an image") if named_as_image else ("non-image", None)
+    except Exception as err:
+        return None, ("corrupt", str(err))
+    try:
+        return decode_image(data), None
+    except Image.DecompressionBombError as err:
+        return None, ("decompression bomb", str(err))
+    except Exception as err:  # truncated or damaged data
+        return None, ("corrupt", str(err))
+
+
+def readable_image_extensions() -> set[str]:
+    """Every file extension PIL can open (".png", ".webp", ...)."""
+    Image.init()  # registers every plugin, so OPEN lists all readable formats
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
 def _load_for_build(path: str) -> Image.Image:
     try:
-        return _decode(Path(path).read_bytes())
+        return decode_image(Path(path).read_bytes())
     except Exception as err:  # the scan accepted it, so the file changed under us
         raise RuntimeError(f"{path} no longer decodes ({err}); it changed during the build, rerun") from err
 
@@ -227,7 +262,7 @@ def _load_for_build(path: str) -> Image.Image:
 # ---------------------------------------------------------------------------------------------- scanning
 
 
-def _normalize_caption(text: str) -> str:
+def normalize_caption(text: str) -> str:
     return " ".join(text.split())
 
 
@@ -239,7 +274,7 @@ def _source_name(root: Path, path: Path) -> str:
         return path.as_posix()
 
 
-def _split_position(source: str, seed: int) -> float:
+def split_position(source: str, seed: int) -> float:
     """Where a path falls in [0, 1), from a salted hash of the path alone."""
     digest = hashlib.sha256(f"{seed}\0{source}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
@@ -247,7 +282,7 @@ def _split_position(source: str, seed: int) -> float:
 
 def assign_split(source: str, validation_fraction: float, seed: int) -> str:
     """``"validation"`` or ``"train"`` from a hash of the path alone, so adding files moves no others."""
-    return "validation" if _split_position(source, seed) < validation_fraction else "train"
+    return "validation" if split_position(source, seed) < validation_fraction else "train"
 
 
 def assign_splits(sources: list[str], validation_fraction: float, seed: int) -> list[str]:
@@ -260,7 +295,7 @@ def assign_splits(sources: list[str], validation_fraction: float, seed: int) -> 
             raise FolderInputError(f"only {len(sources)} usable image: training needs one for validation and at "
                                    "least one to train on; add images (or pass --validation-fraction 0 to build "
                                    "a train split alone)")
-        first = min(range(len(sources)), key=lambda i: _split_position(sources[i], seed))
+        first = min(range(len(sources)), key=lambda i: split_position(sources[i], seed))
         splits[first] = "validation"
     return splits
 
@@ -323,9 +358,6 @@ def _is_special(path: Path) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
 
 
-# Why an image has no caption: (report reason, detail saying what to do, or None).
-CaptionProblem = tuple[str, str | None]
-
 
 def _read_sidecar(path: Path) -> tuple[str | None, CaptionProblem | None]:
     """(caption, None) or (None, problem) for the ``name.txt`` beside an image."""
@@ -333,7 +365,7 @@ def _read_sidecar(path: Path) -> tuple[str | None, CaptionProblem | None]:
     if not caption_path.is_file():
         return None, ("missing caption", None)
     try:
-        caption = _normalize_caption(caption_path.read_text(encoding="utf-8-sig"))
+        caption = normalize_caption(caption_path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as err:
         detail = f"{caption_path.name} is not UTF-8 (byte {err.start}); save it as UTF-8"
         return None, ("unreadable caption", detail)
@@ -383,7 +415,7 @@ def _manifest_entries(manifest: Path, report: BuildReport) -> list[tuple[Path, s
         if not path.is_file():
             report.skip("missing file", f"{where}: {raw_path.strip()}", "no such file")
             continue
-        caption = _normalize_caption(caption) if caption is not None else ""
+        caption = normalize_caption(caption) if caption is not None else ""
         rows.append((path, caption or None, None if caption else ("missing caption", None)))
     return rows
 
@@ -400,8 +432,7 @@ def scan_folder(spec: FolderSpec, progress: bool = False) -> tuple[list[Captione
     """
     root = _resolve_source(spec)
     report = BuildReport()
-    Image.init()  # registers every plugin, so OPEN lists all readable formats
-    image_extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    image_extensions = readable_image_extensions()
     if spec.manifest is not None:
         candidates = _manifest_entries(_resolve_manifest(spec), report)
     else:
@@ -426,29 +457,13 @@ def scan_folder(spec: FolderSpec, progress: bool = False) -> tuple[list[Captione
         except OSError as err:  # a dangling symlink, no permission
             report.skip("unreadable file", source, str(err))
             continue
-        try:  # identify from the header first: a non-image is not "missing a caption"
-            Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as err:
-            report.skip("decompression bomb", source, str(err))
+        img, problem = open_image(data, path.suffix.lower() in image_extensions)
+        if problem is None and caption_problem is not None:  # a non-image is not "missing a caption"
+            problem = caption_problem
+        if problem is not None:
+            report.skip(problem[0], source, problem[1])
             continue
-        except UnidentifiedImageError:
-            if path.suffix.lower() in image_extensions:
-                report.skip("corrupt", source, "not decodable as an image")
-            else:
-                report.skip("non-image", source)
-            continue
-        except Exception as err:
-            report.skip("corrupt", source, str(err))
-            continue
-        if caption_problem is not None:
-            report.skip(caption_problem[0], source, caption_problem[1])
-            continue
-        try:
-            img = _decode(data)
-        except Exception as err:  # truncated or damaged data; PIL raises many exception types here
-            report.skip("corrupt", source, str(err))
-            continue
-        label = _mode_label(img)
+        label = mode_label(img)
         if label is not None:
             report.converted.setdefault(label, []).append(source)
         if min(img.size) < spec.image_size:
@@ -498,6 +513,17 @@ def folder_config(spec: FolderSpec) -> FolderConfig:
     )
 
 
+def example_features(image_size: int) -> tfds.features.FeaturesDict:
+    """The schema of a user's dataset (folder or shards): the common image/caption/id plus ``source``, where the
+    example came from (a path in the folder, or ``shard:key``)."""
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(image_size, image_size, 3), dtype=np.uint8),
+        "caption": tfds.features.Text(),
+        "id": tfds.features.Scalar(dtype=np.int64),
+        "source": tfds.features.Text(),
+    })
+
+
 class CaptionedFolder(tfds.core.GeneratorBasedBuilder):
     """Images + captions from a local folder, in the common schema plus ``source`` (relative path)."""
 
@@ -513,14 +539,7 @@ class CaptionedFolder(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.builder_config.description,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8),
-                    "caption": tfds.features.Text(),
-                    "id": tfds.features.Scalar(dtype=np.int64),
-                    "source": tfds.features.Text(),
-                }
-            ),
+            features=example_features(size),
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
@@ -573,7 +592,7 @@ def build_folder(
         if previous == report.fingerprint:
             if verbose:
                 print(f"{version_dir} is already built from these files; reusing it")
-                _print_report(report, version_dir)
+                print_report(report, version_dir)
             return version_dir, report
         if not overwrite:
             raise FileExistsError(
@@ -586,11 +605,11 @@ def build_folder(
     builder.download_and_prepare()
     report_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     if verbose:
-        _print_report(report, version_dir)
+        print_report(report, version_dir)
     return version_dir, report
 
 
-def _print_report(report: BuildReport, version_dir: str) -> None:
+def print_report(report: BuildReport, version_dir: str) -> None:
     for line in report.file_lines(limit=_PER_CATEGORY_LIST_LIMIT):
         print(line)
     print(f"wrote {version_dir} (report: {REPORT_FILENAME})")
