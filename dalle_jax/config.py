@@ -94,6 +94,9 @@ class TrainConfig:
     # A step whose loss, gradient or update is not finite is skipped (parameters unchanged); after this many in a
     # row the run stops with an error and keeps its last (finite) checkpoint.
     max_nonfinite_steps: int = 10
+    # Fine-tuning (not in the paper): a run or stage directory whose latest parameters and EMA this stage starts
+    # from, with a fresh optimizer ("" = a fresh init). Shapes must match (train.init_from names any that differ).
+    init_from: str = ""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.steps < 0:

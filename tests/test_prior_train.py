@@ -81,3 +81,39 @@ def test_mismatched_token_grid_is_refused_before_compiling(token_data, tmp_path)
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "(8, 8) grids" in result.stderr and "16x16" in result.stderr
+
+
+def test_init_from_starts_at_the_source_parameters_and_refuses_a_mismatch(token_data, tmp_path):
+    """A fine-tuned prior starts from the source's latest parameters with a fresh optimizer: its first step runs at
+    warm-up learning rate 0, so after it the parameters are still bitwise the source's (a fresh init would differ
+    everywhere). A model that does not fit is one line, exit 2, before anything is written."""
+    from dalle_jax.train.checkpoint import Checkpointer
+
+    source = tmp_path / "source"
+    done = subprocess.run(_command(token_data, source, 3), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tuned = tmp_path / "tuned"
+    done = subprocess.run(_command(token_data, tuned, 1, "--set", f"prior_train.init_from={source}"), env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def state(run):
+        ckpt = Checkpointer(run / "prior" / "checkpoints", save_every=1, read_only=True)
+        restored = ckpt.restore(ckpt.latest_step(), None)
+        ckpt.close()
+        return restored.state
+
+    before, after = state(source), state(tuned)
+    assert int(after["step"]) == 1 and int(before["step"]) == 3
+    for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    counts = [leaf for leaf in jax.tree.leaves(after["opt_state"]) if np.ndim(leaf) == 0]
+    assert counts and all(int(c) <= 1 for c in counts)  # Adam's count restarted: a fresh optimizer
+
+    bad = tmp_path / "bad"
+    done = subprocess.run(_command(token_data, bad, 1, "--set", f"prior_train.init_from={source}",
+                                   "--set", "prior.d_model=32"), env=ENV, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert "prior_train.init_from=" in lines[0] and "there and" in lines[0] and "prior_config.json" in lines[0]
+    assert not (bad / "prior" / "checkpoints").exists() and not (bad / "prior" / "config.json").exists()

@@ -454,7 +454,12 @@ class _OrbaxSaveFailureNoise(logging.Filter):
         if record.levelno >= logging.ERROR and record.exc_info and "orbax" in record.pathname:
             logger.debug("orbax: %s", record.getMessage(), exc_info=record.exc_info)
             return False
+        if "orbax" in record.pathname and record.getMessage().startswith(_READ_ONLY_NOTES):
+            return False  # a reader (sample, encode, init_from) asked for read-only; Orbax says so at WARNING
         return True
+
+
+_READ_ONLY_NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
 
 
 _save_failed = False

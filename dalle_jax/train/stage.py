@@ -6,7 +6,8 @@ A trainer describes its stage as a `Stage` (model, step, data, evaluation, what 
     RUN/<stage>/ created; config.json, <stage>_config.json and tokenizer.json written by process 0 only
     mesh from config.mesh; every batch the stage uses checked against the data-parallel size and the hosts
     the Grain pipeline over the training split (per-host shard, seeded shuffle, the stage's transform)
-    optimizer (train.optim) and the train state born sharded (train.loop.init_state)
+    optimizer (train.optim) and the train state born sharded (train.loop.init_state), its parameters taken from
+        train.init_from when <stage>_train.init_from names a source run (checked before anything is written)
     the jitted step, the eval hook, and train.loop.Loop: resume, steps, logs, evals, checkpoints, SIGTERM
     curves as PNG (process 0), and the summary {"step", "metrics", "preempted", "run_dir"}
 
@@ -104,22 +105,34 @@ def write_stage_files(out: Path, config: Config, stage: str, model_config: Any,
         tokenizer.save(out / runs.TOKENIZER)
 
 
+def _has_checkpoint(directory: Path) -> bool:
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def run_stage(stage: Stage, config: Config, run_dir: str | Path, *, progress: bool = True) -> dict:
     """Trains (or resumes) `stage` into RUN/<stage.name>; returns its final step, metrics and directory."""
     from dalle_jax.images import plot_curves
 
     cfg = stage.train
     out = runs.stage_dir(run_dir, stage.name)
-    write_stage_files(out, config, stage.name, stage.model_config, stage.tokenizer)
-
     mesh = sharding.make_mesh(config.mesh)
     rules = config.mesh.rules
     for batch in (cfg.batch_size, *stage.batch_checks):
         sharding.check_batch(batch, mesh, rules, jax.process_count())
+    optimizer = optim.make_optimizer(cfg)
+    source = None
+    if cfg.init_from and not _has_checkpoint(out / runs.CHECKPOINTS):  # a started run resumes from its own
+        from dalle_jax.train.init_from import load_source_params
+
+        # before anything is written or compiled: a model that does not fit the source leaves nothing behind
+        source = load_source_params(cfg.init_from, stage.name,
+                                    loop.state_spec(stage.model_fn, optimizer, mesh, rules, cfg.seed))
+    write_stage_files(out, config, stage.name, stage.model_config, stage.tokenizer)
     batches = Pipeline(stage.train_source, global_batch=cfg.batch_size, seed=cfg.seed, transform=stage.transform,
                        read_threads=config.data.read_threads, prefetch=config.data.prefetch)
-    optimizer = optim.make_optimizer(cfg)
     state, spec = loop.init_state(stage.model_fn, optimizer, mesh, rules, cfg.seed)
+    if source is not None:
+        state = {**state, **source}
     train_step = stage.make_step(optimizer, spec, mesh, rules)
     evaluate = stage.make_eval(spec, mesh, rules)
 
