@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dalle_jax import runs, sharding
+from dalle_jax import distributed, runs, sharding
 from dalle_jax.data.pipeline import Pipeline, caption_text, device_batch, open_split
 from dalle_jax.data.tokens import TokenSpec, token_builder
 from dalle_jax.errors import DatasetError, InputError
@@ -24,7 +24,10 @@ SPLITS = ("train", "validation", "test")
 
 def _replicated_encoder(dvae: DVAE, mesh, posterior_topk: int = 0) -> tuple:
     graphdef, state = nnx.split(dvae)
-    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # every host holds the whole model: each builds its copy of the global replicated array from its own data
+    # (a device_put across hosts is not supported on every backend)
+    state = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x)), state)
 
     @jax.jit
     def encode(state, images):  # uint8 (B, H, W, 3) -> {"tokens": int32 (B, h, w)} (+ the top-k posterior)
@@ -82,25 +85,51 @@ def encode_dataset(dvae_dir: str | Path, dataset_dir: str | Path, out_dir: str |
                             transform=lambda e, rng: {"image": np.asarray(e["image"], np.uint8), "id": e["id"],
                                                       "caption": e["caption"]})
         fields: dict[str, list] = {"caption": [], "id": []}
-        for host_batch in tqdm(pipeline, total=pipeline.num_batches, desc=f"encode {split}", disable=not progress,
-                               dynamic_ncols=True):
+        for host_batch in tqdm(pipeline, total=pipeline.num_batches, desc=f"encode {split}",
+                               disable=not progress or not distributed.is_main(), dynamic_ncols=True):
             batch = device_batch({"image": host_batch["image"]}, mesh, rules)
             with jax.set_mesh(mesh):
+                # every host encodes its rows; the gathered arrays are all hosts' rows in process order, which is
+                # the order of the split (Pipeline: global batch k is the split's rows k*B .. k*B + B - 1)
                 arrays = jax.experimental.multihost_utils.process_allgather(encode(state, batch["image"]),
                                                                             tiled=True)
-            valid = host_batch["valid"]
+            rows = _all_hosts_rows(host_batch)
+            if not distributed.is_main():
+                continue  # process 0 writes the token dataset
+            valid = rows["valid"]
             for name, gathered in arrays.items():
-                # every host passes its rows; the gathered arrays are all hosts' rows in process order
-                local = np.asarray(gathered).reshape(jax.process_count(), -1, *gathered.shape[1:])
-                fields.setdefault(name, []).extend(local[jax.process_index()][valid])
-            fields["caption"].extend(caption_text(c) for c in host_batch["caption"][valid])
-            fields["id"].extend(int(i) for i in host_batch["id"][valid])
+                fields.setdefault(name, []).extend(np.asarray(gathered)[valid])
+            fields["caption"].extend(c for c, v in zip(rows["caption"], valid, strict=True) if v)
+            fields["id"].extend(int(i) for i in rows["id"][valid])
         encoded[split] = fields
         log.info("encode: %s: %d images -> %s tokens", split, len(fields["id"]),
                  fields["tokens"][0].shape if fields.get("tokens") else "-")
-    builder = token_builder(str(out_dir), spec, encoded)
-    builder.download_and_prepare()
+    if distributed.is_main():
+        builder = token_builder(str(out_dir), spec, encoded)
+        builder.download_and_prepare()
+    distributed.barrier("dalle_jax_encode_written")  # no host returns before the dataset exists
     return Path(builder.data_dir)
+
+
+def _all_hosts_rows(host_batch: dict) -> dict:
+    """{"valid", "id", "caption"} of every host's rows of this global batch, in process order (one host: its own).
+    Captions travel as UTF-8 bytes padded to the longest on any host."""
+    valid, ids = np.asarray(host_batch["valid"]), np.asarray(host_batch["id"], np.int64)
+    captions = [caption_text(c) for c in host_batch["caption"]]
+    if jax.process_count() == 1:
+        return {"valid": valid, "id": ids, "caption": captions}
+    from jax.experimental import multihost_utils
+
+    encoded = [c.encode("utf-8") for c in captions]
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(max(map(len, encoded), default=0)))))
+    padded = np.zeros((len(encoded), max(longest, 1)), np.uint8)
+    lengths = np.array([len(b) for b in encoded], np.int32)
+    for row, data in enumerate(encoded):
+        padded[row, :len(data)] = np.frombuffer(data, np.uint8)
+    gathered = {name: np.asarray(multihost_utils.process_allgather(array)).reshape(-1, *array.shape[1:])
+                for name, array in (("valid", valid), ("id", ids), ("bytes", padded), ("length", lengths))}
+    texts = [bytes(row[:n]).decode("utf-8") for row, n in zip(gathered["bytes"], gathered["length"], strict=True)]
+    return {"valid": gathered["valid"], "id": gathered["id"], "caption": texts}
 
 
 def _fit_batch(batch_size: int, data_parallel: int) -> int:

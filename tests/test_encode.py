@@ -86,3 +86,35 @@ def test_posterior_topk_holds_the_encoders_most_likely_codes(run, tmp_path):
     assert np.all(np.diff(stored, axis=-1) <= 0)
     kth = -np.sort(-logits, axis=-1)[..., k - 1:k]  # no code left out beats the k-th kept
     np.testing.assert_allclose(stored[..., -1:], kth, rtol=1e-5, atol=1e-4)
+
+
+def test_two_hosts_encode_their_shares_into_the_one_host_dataset(run, tmp_path):
+    """Two processes joined by jax.distributed (one CPU device each): each encodes half of every batch, process 0
+    writes the dataset, and it equals the one-process encode token for token (a ragged last batch included)."""
+    import os
+    import subprocess
+    import sys
+
+    import portpicker
+
+    run_dir, config = run
+    data = dataset_dir_for(config.data, run_dir)
+    single = encode_dataset(run_dir, data, tmp_path / "one", batch_size=16, progress=False)
+    coordinator = f"localhost:{portpicker.pick_unused_port()}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    procs = [subprocess.Popen([sys.executable, "-m", "dalle_jax.cli", "encode", "--dvae", str(run_dir), "--data",
+                               str(data), "--out", str(tmp_path / "two"), "--batch-size", "16", "--coordinator",
+                               coordinator, "--num-processes", "2", "--process-id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [proc.communicate(timeout=240) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    two = outputs[0][0].strip().splitlines()[-1].removeprefix("tokens: ")
+    assert outputs[1][0].strip().splitlines()[-1] == outputs[0][0].strip().splitlines()[-1]
+    for split in ("train", "validation"):
+        a, b = open_split(single, split), open_split(two, split)
+        assert len(a) == len(b) == len(open_split(data, split))
+        for i in range(len(a)):
+            assert int(a[i]["id"]) == int(b[i]["id"]) and a[i]["caption"] == b[i]["caption"]
+            np.testing.assert_array_equal(a[i]["tokens"], b[i]["tokens"])

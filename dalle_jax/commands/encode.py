@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dalle_jax import runs
+from dalle_jax.commands.common import add_distributed_args
 from dalle_jax.encode import encode_dataset
 from dalle_jax.errors import InputError
 
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also keep each token's K most likely codes and their logits, for a prior trained with "
                              "prior_train.input_tokens=sampled or soft_targets=true (default 0: argmax tokens only, "
                              "as the paper trains on)")
+    add_distributed_args(encode)  # every host encodes its share of each batch; process 0 writes the dataset
     encode.set_defaults(func=_encode)
 
 
