@@ -24,6 +24,7 @@ from dalle_jax.commands import (
     sample,
     serve,
     tokenizer,
+    train,
     train_clip,
     train_dvae,
     train_prior,
@@ -36,9 +37,11 @@ DALL-E in JAX/Flax: a discrete VAE turns images into tokens, a sparse-attention 
 
 Stages (each reads a config preset, writes into a directory, and can be resumed):
   demo             the main job: every stage below on the built-in shapes data, then a report
+  train            every stage on your own images (folder, tar shards, parquet), then a report
   experiment       the paper's ablations: declared sweeps of these stages, with intervals and verdicts
   data shapes      build the built-in captioned-shapes dataset (TFDS array_record)
   data folder      build a dataset from your own folder of images + captions
+  data shards      build a dataset from web-dataset tar shards or parquet files (img2dataset, LAION)
   data show        draw a dataset split as a PNG grid with captions
   tokenizer train  train the BPE caption tokenizer on a dataset
   train-dvae       train the discrete VAE (stage 1); rerun to resume
@@ -69,8 +72,8 @@ examples:
 """
 
 # In the order `--help` lists them.
-COMMANDS = (data, demo, experiment, tokenizer, train_dvae, encode, train_prior, train_clip, sample, serve, info, aot,
-            reconstruct, convert, config)
+COMMANDS = (data, demo, train, experiment, tokenizer, train_dvae, encode, train_prior, train_clip, sample, serve, info,
+            aot, reconstruct, convert, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

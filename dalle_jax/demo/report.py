@@ -11,31 +11,13 @@ from dalle_jax.config import Config
 
 def write_report(run: Path, done: dict, config: Config, stages: tuple[str, ...]) -> dict:
     """report.json (everything) and report.md (the headline numbers, the accuracy-vs-N table, the images)."""
-    import platform
-
-    import jax
-
-    def pick(stage: str, *keys: str) -> dict:
-        return {k: done[stage][k] for k in keys if k in done.get(stage, {})}
-
     accuracy = done["evaluate"]["accuracy"]
     report = {
-        "preset": config.name,
+        **stage_summary(done, config, stages),
         "holdout": config.data.holdout,  # the (colour, shape) pairs no train image shows
-        "machine": {"platform": platform.platform(), "processor": _cpu_model() or platform.machine(),
-                    "cpu_count": __import__("os").cpu_count(), "jax_backend": jax.default_backend(),
-                    "jax": jax.__version__},
-        "wall_s": {name: round(done[name]["wall_s"], 1) for name in stages if name in done},
-        "dvae": pick("dvae", "step", "eval/mse", "eval/codebook_perplexity", "eval/codebook_used",
-                     "eval/recon_color_shape_acc"),
-        "prior": pick("prior", "step", "eval/text_loss", "eval/image_loss", "eval/image_loss_in_distribution",
-                      "eval/image_loss_heldout", "eval/uniform_image_loss", "eval/bits_per_image_token"),
-        "clip": pick("clip", "step", "eval/retrieval_top1", "eval/retrieval_top1_in_distribution",
-                     "eval/retrieval_top1_heldout", "eval/image_to_text_top1", "eval/retrieval_chance"),
         "caption_match": accuracy,
         "num_samples": done["evaluate"]["num_samples"],
     }
-    report["wall_s"]["total"] = round(sum(report["wall_s"].values()), 1)
     (run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     n = report["num_samples"]
@@ -63,16 +45,47 @@ def write_report(run: Path, done: dict, config: Config, stages: tuple[str, ...])
               "", "| prompts | " + " | ".join(f"N={k}" for k in sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for name, table in accuracy.items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * table['best_of_n'][str(k)]:.1f}%" for k in sizes) + " |")
-    lines += ["", "## Stages", "", "| stage | wall (s) | numbers |", "|---|---:|---|"]
-    numbers = {"dvae": report["dvae"], "prior": report["prior"], "clip": report["clip"]}
-    for name, wall in report["wall_s"].items():
-        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in numbers.get(name, {}).items())
-        lines.append(f"| {name} | {wall:.0f} | {shown} |")
+    lines += ["", *stage_table(report)]
     lines += ["", "## Images", "", "![in distribution](samples_in_distribution.png)", "",
               "![held out](samples_heldout.png)", "", "![position](samples_position.png)", "",
               "![relations](samples_relations.png)", "", "![image to image](image_to_image.png)", ""]
     (run / "report.md").write_text("\n".join(lines))
     return report
+
+
+def stage_summary(done: dict, config: Config, stages: tuple[str, ...]) -> dict:
+    """What every run report holds: preset, machine, wall time per stage, and each model's final eval numbers."""
+    import os
+    import platform
+
+    import jax
+
+    def pick(stage: str, *keys: str) -> dict:
+        return {k: done[stage][k] for k in keys if k in done.get(stage, {})}
+
+    wall = {name: round(done[name]["wall_s"], 1) for name in stages if name in done}
+    return {
+        "preset": config.name,
+        "machine": {"platform": platform.platform(), "processor": _cpu_model() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(), "jax": jax.__version__},
+        "wall_s": {**wall, "total": round(sum(wall.values()), 1)},
+        "dvae": pick("dvae", "step", "eval/mse", "eval/codebook_perplexity", "eval/codebook_used",
+                     "eval/recon_color_shape_acc"),
+        "prior": pick("prior", "step", "eval/text_loss", "eval/image_loss", "eval/image_loss_in_distribution",
+                      "eval/image_loss_heldout", "eval/uniform_image_loss", "eval/bits_per_image_token"),
+        "clip": pick("clip", "step", "eval/retrieval_top1", "eval/retrieval_top1_in_distribution",
+                     "eval/retrieval_top1_heldout", "eval/image_to_text_top1", "eval/retrieval_chance"),
+    }
+
+
+def stage_table(report: dict) -> list[str]:
+    """The "## Stages" section: wall time and final numbers per stage."""
+    lines = ["## Stages", "", "| stage | wall (s) | numbers |", "|---|---:|---|"]
+    numbers = {"dvae": report["dvae"], "prior": report["prior"], "clip": report["clip"]}
+    for name, wall in report["wall_s"].items():
+        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in numbers.get(name, {}).items())
+        lines.append(f"| {name} | {wall:.0f} | {shown} |")
+    return lines
 
 
 def _cpu_model() -> str:
