@@ -27,6 +27,7 @@ def register(stages: argparse._SubParsersAction) -> None:
     register_shapes(commands)
     register_folder(commands)
     register_shards(commands)
+    register_emoji(commands)
     register_show(commands)
 
 
@@ -190,6 +191,46 @@ def _shards(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError, folder.FolderInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ emoji
+
+def register_emoji(subparsers: argparse._SubParsersAction) -> None:
+    from dalle_jax.data import emoji
+
+    defaults = emoji.EmojiSpec()
+    parser = subparsers.add_parser(
+        "emoji", help="build the captioned-emoji dataset from the Noto Color Emoji font (real drawings, held-out "
+                      "emoji/colour pairs)",
+        description=emoji.__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  dalle-jax data emoji --out runs/emoji_data --num 10000\n"
+               "  dalle-jax train --data runs/emoji_data/captioned_emoji/<config>/1.0.0 --out runs/emoji")
+    parser.add_argument("--out", required=True, help="TFDS data directory to write into")
+    parser.add_argument("--num", type=int, default=defaults.num_train, help="train examples (%(default)s)")
+    parser.add_argument("--num-validation", type=int, default=defaults.num_validation,
+                        help="validation examples (%(default)s)")
+    parser.add_argument("--num-test", type=int, default=defaults.num_test, help="test examples (%(default)s)")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="side in pixels, >= 32 "
+                                                                                    "(%(default)s)")
+    parser.add_argument("--holdout", default=",".join(f"{e} {c}" for e, c in defaults.holdout),
+                        help="comma-separated '<emoji> <colour>' pairs kept out of train, or 'none' "
+                             "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="example i depends only on it")
+    parser.add_argument("--font", help=f"NotoColorEmoji.ttf (default: where Debian's {emoji.FONT_PACKAGE} puts it)")
+    parser.set_defaults(func=_emoji)
+
+
+def _emoji(args: argparse.Namespace) -> int:
+    from dalle_jax.data import emoji
+
+    try:
+        spec = emoji.EmojiSpec(image_size=args.image_size, num_train=args.num, num_validation=args.num_validation,
+                               num_test=args.num_test, holdout=emoji.parse_holdout(args.holdout), seed=args.seed)
+    except ValueError as error:
+        raise InputError(str(error)) from error
+    path = emoji.build_emoji(args.out, spec, args.font)
+    print(f"dataset: {path}")
     return 0
 
 

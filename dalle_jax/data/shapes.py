@@ -119,7 +119,7 @@ class ShapesSpec:
         size, grid = self.image_size, self.grid
         for name in SIZES:
             for position in POSITIONS:
-                if len(_corners_in_position(size_px(name, size), position, size, grid)[0]) == 0:
+                if len(corners_in_position(size_px(name, size), position, size, grid)[0]) == 0:
                     raise ValueError(f"grid={grid} leaves no corner for a {name} object in the {position} of a "
                                      f"{size}px image; use a smaller grid or a larger image")
 
@@ -259,7 +259,7 @@ def _object(color: str, shape: str, size: str, x0: int, y0: int, image_size: int
     }
 
 
-def _corners_in_position(side: int, position: str, image_size: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+def corners_in_position(side: int, position: str, image_size: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-left corners (xs, ys) on the `grid` whose centre is in `position`, at least the margin from its borders."""
     corners = np.arange(0, image_size - side + 1, grid)
     offsets = corners + side / 2 - image_size / 2  # centre offset from the image centre
@@ -277,9 +277,9 @@ def _corners_in_position(side: int, position: str, image_size: int, grid: int) -
     return corners[xs], corners[ys]
 
 
-def _sample_corner_in_position(rng: np.random.Generator, side: int, position: str, image_size: int, grid: int):
+def sample_corner_in_position(rng: np.random.Generator, side: int, position: str, image_size: int, grid: int):
     """Uniform top-left corner on the `grid` whose centre is in `position` (`ShapesSpec` ensures there is one)."""
-    xs, ys = _corners_in_position(side, position, image_size, grid)
+    xs, ys = corners_in_position(side, position, image_size, grid)
     pick = rng.integers(len(xs))
     return int(xs[pick]), int(ys[pick])
 
@@ -289,7 +289,7 @@ def pair_gap(image_size: int) -> int:
     return max(2, round(image_size / 32))
 
 
-def _sample_pair_corners(rng: np.random.Generator, sides: tuple[int, int], relation: str, image_size: int,
+def sample_pair_corners(rng: np.random.Generator, sides: tuple[int, int], relation: str, image_size: int,
                          grid: int):
     """Corners on the `grid` for two boxes, the first clearly `relation` the second, the boxes not touching."""
     margin, gap = position_margin(image_size), pair_gap(image_size)
@@ -371,7 +371,7 @@ def render_example(spec: ShapesSpec, split: str, index: int) -> dict[str, Any]:
         sizes = [SIZES[rng.integers(len(SIZES))] for _ in range(2)]
         relation = RELATIONS[rng.integers(len(RELATIONS))]
         sides = (size_px(sizes[0], size), size_px(sizes[1], size))
-        corner_a, corner_b = _sample_pair_corners(rng, sides, relation, size, spec.grid)
+        corner_a, corner_b = sample_pair_corners(rng, sides, relation, size, spec.grid)
         objects = [
             _object(*first_pair, sizes[0], *corner_a, size),
             _object(*second_pair, sizes[1], *corner_b, size),
@@ -379,12 +379,12 @@ def render_example(spec: ShapesSpec, split: str, index: int) -> dict[str, Any]:
     elif split == "train" and spec.train_coverage < 1.0:
         combos = covered_combinations(spec)
         color, shape, obj_size, position = combos[rng.integers(len(combos))]
-        corner = _sample_corner_in_position(rng, size_px(obj_size, size), position, size, spec.grid)
+        corner = sample_corner_in_position(rng, size_px(obj_size, size), position, size, spec.grid)
         objects = [_object(color, shape, obj_size, *corner, size)]
     else:
         obj_size = SIZES[rng.integers(len(SIZES))]
         position = POSITIONS[rng.integers(len(POSITIONS))]
-        corner = _sample_corner_in_position(rng, size_px(obj_size, size), position, size, spec.grid)
+        corner = sample_corner_in_position(rng, size_px(obj_size, size), position, size, spec.grid)
         objects = [_object(*first_pair, obj_size, *corner, size)]
 
     return {
