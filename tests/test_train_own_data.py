@@ -108,3 +108,26 @@ def test_train_with_the_released_openai_dvae_as_tokenizer(tmp_path):
     np.testing.assert_array_equal(np.stack([tokens[i]["tokens"] for i in range(len(tokens))]), expected)
     _check_report(run, 48)
     _sample(run, tmp_path, "picture number 3 of noise")
+
+
+def test_data_sources_train_accepts(tmp_path):
+    """A built dataset is used as it is (its version dir, or the TFDS data dir above exactly one); a folder of
+    images is built into RUN/data; a missing SRC is named."""
+    from dalle_jax.demo.own_data import BuildOptions, build_dataset_from
+
+    assert main(["data", "emoji", "--out", str(tmp_path / "emoji"), "--num", "4", "--num-validation", "2",
+                 "--num-test", "0"]) == 0
+    (version_dir,) = (tmp_path / "emoji").glob("captioned_emoji/*/1.0.0")
+    for given in (tmp_path / "emoji", version_dir):
+        built = build_dataset_from(str(given), 32, tmp_path / "out", BuildOptions(), verbose=False)
+        assert built["dataset_dir"] == str(version_dir.resolve())
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"grey {i}")
+    built = build_dataset_from(str(images), 32, tmp_path / "out", BuildOptions(validation_fraction=0.3),
+                               verbose=False)
+    assert "/captioned_folder/" in built["dataset_dir"] and built["build"].startswith("folder dataset: 3 images")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_dataset_from(str(tmp_path / "nowhere"), 32, tmp_path / "out", BuildOptions(), verbose=False)

@@ -16,13 +16,15 @@ SRC is any of:
   a folder of images with name.txt captions beside them (or --manifest captions.jsonl / .tsv)
   web-dataset .tar shards as img2dataset writes them (KEY.jpg + KEY.txt [+ KEY.json]), or a folder of them
   .parquet files with image bytes and a caption column (img2dataset, HF datasets exports), or a folder of them
-  a dataset directory built before (holding dataset_info.json)
+  a dataset built before (its version directory, or the --out of `dalle-jax data emoji|shapes|folder|shards`
+  when that holds exactly one)
 
 examples:
   dalle-jax train --data ~/photos --out runs/photos --preset small
   dalle-jax train --data ~/cc3m/shards/ --out runs/cc3m --preset small --workers 8
   dalle-jax train --data ~/photos --out runs/photos256 --dvae converted/openai --set data.image_size=256
   dalle-jax train --data ~/more_photos --out runs/tuned --init-from runs/photos
+  dalle-jax data emoji --out runs/emoji_data && dalle-jax train --data runs/emoji_data --out runs/emoji
 afterwards:
   dalle-jax sample --run runs/photos --prompt "a red bicycle"      dalle-jax serve --run runs/photos
 """

@@ -28,6 +28,7 @@ from dalle_jax import runs
 from dalle_jax.config import Config, ConfigError
 from dalle_jax.demo.report import stage_summary, stage_table
 from dalle_jax.demo.runner import STAGES, Demo, build_tokenizer, train_stage
+from dalle_jax.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ def build_dataset_from(source: str, image_size: int, out: Path, options: BuildOp
     from dalle_jax.data import folder, shards
 
     path = Path(source).expanduser()
-    if (path / "dataset_info.json").is_file():
-        return {"dataset_dir": str(path.resolve()), "build": "prepared dataset, used as it is"}
+    prepared = _prepared_dataset(path)
+    if prepared is not None:
+        return {"dataset_dir": str(prepared.resolve()), "build": "prepared dataset, used as it is"}
     if not path.exists():
         raise FileNotFoundError(f"--data {path} does not exist; pass a folder of images with name.txt captions, "
                                 "web-dataset .tar shards, .parquet files, or a prepared dataset directory")
@@ -61,6 +63,19 @@ def build_dataset_from(source: str, image_size: int, out: Path, options: BuildOp
         spec = folder.FolderSpec(str(path), image_size, options.manifest, options.validation_fraction)
         version_dir, report = folder.build_folder(str(out), spec, verbose=verbose)
     return {"dataset_dir": version_dir, "build": report.summary()}
+
+
+def _prepared_dataset(path: Path) -> Path | None:
+    """A built dataset: `path` itself, or the one dataset under a TFDS data dir (what `data emoji --out` wrote). A
+    folder of images is searched only when its top level holds no files (an image folder has some)."""
+    if (path / "dataset_info.json").is_file():
+        return path
+    if not path.is_dir() or any(p.is_file() for p in path.iterdir()):
+        return None
+    try:
+        return runs.find_dataset_dir(path)
+    except DatasetError:
+        return None
 
 
 @dataclasses.dataclass
