@@ -161,18 +161,23 @@ def register_shards(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("sources", nargs="+", metavar="SRC", help=".tar / .parquet files, or folders holding them")
     parser.add_argument("--out", required=True, metavar="DIR", help="TFDS data dir to write into")
     parser.add_argument("--image-size", type=int, default=64, metavar="S", help="output side (default 64)")
-    parser.add_argument("--image-column", metavar="NAME",
-                        help=f"parquet image column (default: the first of {', '.join(shards.IMAGE_COLUMNS)})")
-    parser.add_argument("--caption-column", metavar="NAME",
-                        help=f"parquet caption column (default: the first of {', '.join(shards.CAPTION_COLUMNS)})")
-    parser.add_argument("--validation-fraction", type=float, default=0.05, metavar="F",
-                        help="held-out share (default 0.05)")
+    add_shard_build_args(parser)
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="salt of the split hash (default 0)")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="local processes converting shards in parallel (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild if the shards changed since the last build")
     add_distributed_args(parser)
     parser.set_defaults(func=_shards)
+
+
+def add_shard_build_args(group: argparse._ActionsContainer) -> None:
+    """--image-column, --caption-column, --validation-fraction, --workers (`data shards` and `train`)."""
+    group.add_argument("--image-column", metavar="NAME",
+                       help=f"parquet image column (default: the first of {', '.join(shards.IMAGE_COLUMNS)})")
+    group.add_argument("--caption-column", metavar="NAME",
+                       help=f"parquet caption column (default: the first of {', '.join(shards.CAPTION_COLUMNS)})")
+    group.add_argument("--validation-fraction", type=float, default=0.05, metavar="F",
+                       help="held-out share, also the report's captions in `train` (default 0.05)")
+    group.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="local processes converting tar/parquet shards in parallel (default 1)")
 
 
 def _shards(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 from dalle_jax import config as config_lib
 from dalle_jax import runs
 from dalle_jax.commands.common import add_distributed_args
+from dalle_jax.commands.data import add_shard_build_args
 from dalle_jax.demo import own_data
 from dalle_jax.errors import InputError
 
@@ -47,12 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(fresh optimizer) with RUN's tokenizer and dVAE")
     parser.add_argument("--seed", type=int, default=0, help="seed of every training stage and of sampling")
     build = parser.add_argument_group("building the dataset from SRC")
-    build.add_argument("--validation-fraction", type=float, default=0.05, metavar="F",
-                       help="share held back for validation and the report's captions (default 0.05)")
-    build.add_argument("--workers", type=int, default=1, metavar="N", help="processes converting tar/parquet shards")
+    add_shard_build_args(build)
     build.add_argument("--manifest", metavar="FILE", help="folder SRC: JSONL/TSV captions instead of name.txt")
-    build.add_argument("--image-column", metavar="NAME", help="parquet SRC: the image column")
-    build.add_argument("--caption-column", metavar="NAME", help="parquet SRC: the caption column")
     parser.add_argument("--samples", type=int, default=16, metavar="N",
                         help="samples per validation caption in the report, CLIP-best kept (default 16)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

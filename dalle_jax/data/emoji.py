@@ -230,35 +230,18 @@ class EmojiConfig(tfds.core.BuilderConfig):
     font_path: str = ""
 
 
-class EmojiBuilder(tfds.core.GeneratorBasedBuilder):
-    """TFDS builder of the captioned-emoji dataset (features: image, caption, id, objects_json)."""
+class EmojiBuilder(shapes.ShapesBuilder):
+    """TFDS builder of the captioned-emoji dataset: the shapes builder's features (image, caption, id,
+    objects_json) and splits, with emoji scenes."""
 
     name = "captioned_emoji"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = []
+    DESCRIPTION = "Captioned Noto Color Emoji scenes (dalle_jax built-in)."
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        size = self.builder_config.spec.image_size
-        return tfds.core.DatasetInfo(
-            builder=self, description="Captioned Noto Color Emoji scenes. Spec: " + self.builder_config.spec.to_json(),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding="zlib"),
-                "caption": tfds.features.Text(),
-                "id": tfds.features.Scalar(dtype=np.int64),
-                "objects_json": tfds.features.Text(),
-            }))
-
-    def _split_generators(self, dl_manager):
-        spec = self.builder_config.spec
-        return {split: self._generate_examples(split) for split in SPLITS if spec.num_examples(split) > 0}
-
-    def _generate_examples(self, split: str):
-        spec, font = self.builder_config.spec, self.builder_config.font_path
-        for index in range(spec.num_examples(split)):
-            example = render_example(spec, split, index, font)
-            yield index, {"image": example["image"], "caption": example["caption"], "id": index,
-                          "objects_json": json.dumps({"background": example["background"],
-                                                      "objects": example["objects"]})}
+    def render(self, split: str, index: int) -> tuple[np.ndarray, str, Any]:
+        example = render_example(self.builder_config.spec, split, index, self.builder_config.font_path)
+        return example["image"], example["caption"], {"background": example["background"],
+                                                      "objects": example["objects"]}
 
 
 def build_emoji(data_dir: str, spec: EmojiSpec, font: str | None = None) -> str:

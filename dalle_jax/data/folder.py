@@ -72,6 +72,14 @@ class FolderInputError(ValueError):
     """The folder (or its spec) cannot produce a dataset; the message names the path and the fix."""
 
 
+def check_build_options(image_size: int, validation_fraction: float) -> None:
+    """What every builder of a user's dataset (folder, shards) requires of its size and split."""
+    if image_size < 1:
+        raise FolderInputError(f"image_size must be positive, got {image_size}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise FolderInputError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+
+
 @dataclass(frozen=True)
 class FolderSpec:
     """What to build: the source folder, output resolution, caption source and split.
@@ -91,10 +99,7 @@ class FolderSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.image_size < 1:
-            raise FolderInputError(f"image_size must be positive, got {self.image_size}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise FolderInputError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        check_build_options(self.image_size, self.validation_fraction)
 
 
 @dataclass

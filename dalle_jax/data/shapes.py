@@ -422,11 +422,13 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder):
                 return config
         return ShapesConfig(name=spec.config_name(), description=spec.to_json(), spec=spec)
 
+    DESCRIPTION = "Captioned shapes (dalle_jax built-in)."
+
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.spec.image_size
         return tfds.core.DatasetInfo(
             builder=self,
-            description="Captioned shapes (dalle_jax built-in). Spec: " + self.builder_config.spec.to_json(),
+            description=f"{self.DESCRIPTION} Spec: {self.builder_config.spec.to_json()}",
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding="zlib"),
@@ -442,15 +444,14 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split) for split in SPLITS if spec.num_examples(split) > 0}
 
     def _generate_examples(self, split: str):
-        spec = self.builder_config.spec
-        for index in range(spec.num_examples(split)):
-            example = render_example(spec, split, index)
-            yield index, {
-                "image": example["image"],
-                "caption": example["caption"],
-                "id": index,
-                "objects_json": json.dumps(example["objects"]),
-            }
+        for index in range(self.builder_config.spec.num_examples(split)):
+            image, caption, objects = self.render(split, index)
+            yield index, {"image": image, "caption": caption, "id": index, "objects_json": json.dumps(objects)}
+
+    def render(self, split: str, index: int) -> tuple[np.ndarray, str, Any]:
+        """Example `index` of `split`: its image, caption and what the objects_json feature records."""
+        example = render_example(self.builder_config.spec, split, index)
+        return example["image"], example["caption"], example["objects"]
 
 
 def build_shapes(data_dir: str, spec: ShapesSpec) -> str:

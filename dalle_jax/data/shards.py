@@ -73,10 +73,7 @@ class ShardsSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.image_size < 1:
-            raise FolderInputError(f"image_size must be positive, got {self.image_size}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise FolderInputError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        folder.check_build_options(self.image_size, self.validation_fraction)
 
 
 def is_shard_source(path: str | Path) -> bool:
