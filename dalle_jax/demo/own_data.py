@@ -55,13 +55,22 @@ def build_dataset_from(source: str, image_size: int, out: Path, options: BuildOp
     if not path.exists():
         raise FileNotFoundError(f"--data {path} does not exist; pass a folder of images with name.txt captions, "
                                 "web-dataset .tar shards, .parquet files, or a prepared dataset directory")
-    if shards.is_shard_source(path):
+    import jax
+
+    from dalle_jax import distributed
+
+    if shards.is_shard_source(path):  # on several hosts each converts its share of the shards
         spec = shards.ShardsSpec((str(path),), image_size, options.image_column, options.caption_column,
                                  options.validation_fraction)
-        version_dir, report = shards.build_shards(str(out), spec, workers=options.workers, verbose=verbose)
-    else:
+        version_dir, report = shards.build_shards(str(out), spec, workers=options.workers, verbose=verbose,
+                                                  process_index=jax.process_index(),
+                                                  process_count=jax.process_count(), barrier=distributed.barrier)
+    else:  # process 0 builds; the others then find its build and reuse it
         spec = folder.FolderSpec(str(path), image_size, options.manifest, options.validation_fraction)
-        version_dir, report = folder.build_folder(str(out), spec, verbose=verbose)
+        if distributed.is_main():
+            folder.build_folder(str(out), spec, verbose=verbose)
+        distributed.barrier("dalle_jax_build_folder")
+        version_dir, report = folder.build_folder(str(out), spec)
     return {"dataset_dir": version_dir, "build": report.summary()}
 
 
