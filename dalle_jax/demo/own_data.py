@@ -257,7 +257,8 @@ def write_own_report(run: Path, done: dict, config: Config) -> dict:
              f"Machine: {report['machine']['processor']}, {report['machine']['cpu_count']} cores, JAX "
              f"{report['machine']['jax']} on {report['machine']['jax_backend']}; total {report['wall_s']['total']:.0f}"
              " s.", "",
-             f"## Samples for {count} validation captions (never trained on)", "",
+             f"## Samples for {count} validation captions", "",
+             "The validation images were never trained on (a caption may repeat a train caption).", "",
              f"Each caption gets {n} samples; the CLIP-best is kept. Brackets: 95% intervals of the mean over the "
              "captions. The CLIP score is the reranker's cosine similarity of an image with its caption; the gap "
              "is paired (sample minus real image, caption by caption).", "",
