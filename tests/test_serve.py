@@ -181,6 +181,30 @@ def test_an_empty_caption_is_a_message_and_the_server_keeps_answering(server, br
     page.close()
 
 
+def test_an_unreadable_upload_is_a_message_and_the_server_keeps_answering(server, browser, tmp_path):
+    """A damaged image (a PNG cut in half: its header reads, its pixels do not) is named in the page; the next
+    request, from another page, is served as usual."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng().integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(buffer, "PNG")
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    page = browser.new_page()
+    page.goto(server[0])
+    page.get_by_text("image prefix (image-to-image)").click()
+    page.locator("#image input[type=file]").set_input_files(str(damaged))
+    _generate(page, "a red square above a blue circle", expect="Error")
+    assert "not a readable image" in page.locator("#status").inner_text()
+    assert not _gallery_images(page)
+    page.close()
+    other = browser.new_page()
+    other.goto(server[0])
+    _generate(other, "a green square")
+    assert len(_gallery_images(other)) == 4
+    other.close()
+
+
 def test_two_clients_at_once_both_get_their_images(server, browser):
     pages = [browser.new_context().new_page() for _ in range(2)]
     for page, caption in zip(pages, ("a black cross", "an orange circle in the center"), strict=True):
