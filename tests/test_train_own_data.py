@@ -34,7 +34,10 @@ def _check_report(run: Path, kept: int) -> dict:
         assert -1.0 <= evaluation[key]["low"] <= evaluation[key]["mean"] <= evaluation[key]["high"] <= 1.0
     assert evaluation["frechet_samples"] >= 0 and evaluation["frechet_reconstructions"] >= 0
     assert Image.open(run / "samples.png").size[0] > 100
-    assert "Fréchet distance in CLIP image space" in (run / "report.md").read_text()
+    markdown = (run / "report.md").read_text()
+    assert "Fréchet distance in CLIP image space" in markdown
+    for name in ("prior", "clip") + (() if (run / "dvae").is_symlink() else ("dvae",)):
+        assert f"]({name}/loss_curve.png)" in markdown and Image.open(run / name / "loss_curve.png").size[0] > 100
     return report
 
 

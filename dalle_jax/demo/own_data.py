@@ -268,7 +268,8 @@ def write_own_report(run: Path, done: dict, config: Config) -> dict:
              f"| gap (samples - real) | {cell(evaluation['clip_score_gap'])} |", "",
              _frechet_line(evaluation), "",
              "![real | reconstruction | sample](samples.png)", "", *stage_table(report), "",
-             "Curves: [dVAE](dvae/) (reconstructions/), [prior](prior/loss_curve.png), "
-             "[CLIP](clip/loss_curve.png).", ""]
+             "## Curves", "", *[f"![{name}]({name}/loss_curve.png)" for name in ("dvae", "prior", "clip")
+                                 if (run / name / "loss_curve.png").is_file()],
+             "", "The dVAE's reconstruction grids are in `dvae/reconstructions/`.", ""]
     (run / "report.md").write_text("\n".join(lines))
     return report

@@ -247,5 +247,6 @@ def train_dvae(config: Config, run_dir: str | Path, *, progress: bool = True) ->
         name="dvae", train=cfg, model_config=model_cfg, model_fn=lambda: DVAE(model_cfg, rngs=nnx.Rngs(cfg.seed)),
         make_step=make_step, train_source=open_split(dataset_dir, "train"),
         transform=lambda example, rng: {"image": np.asarray(example["image"], np.uint8)}, device_keys=("image",),
-        make_eval=make_eval, scalars=schedules)
+        make_eval=make_eval, scalars=schedules,
+        curves=(("loss_curve.png", ("mse", "eval/mse"), "dVAE reconstruction MSE (hard codes at eval)"),))
     return stage_lib.run_stage(stage, config, run_dir, progress=progress)
