@@ -75,18 +75,19 @@ def test_train_on_tar_shards_then_fine_tune_on_parquet(tmp_path):
 
 
 def test_train_with_the_released_openai_dvae_as_tokenizer(tmp_path):
-    """The released architecture (8192 codes, 54M + 44M parameters; random weights saved as OpenAI saved theirs)
-    converted by `dalle-jax convert openai-dvae`, then used by `train --dvae`: the prior reads 8192 codes on the
-    image grid (32 px here -> 4x4; 256 px gives the paper's 32x32), and the token dataset is the converted
-    encoder's argmax."""
+    """The released dVAE's code (`dall_e` modules with the release's 8192 codes, at the package's smallest width to
+    keep CI short; random weights saved as OpenAI saved theirs) converted by `dalle-jax convert openai-dvae`, then
+    used by `train --dvae`: the prior reads 8192 codes on the image grid (32 px here -> 4x4; 256 px gives the
+    paper's 32x32), and the token dataset is the converted encoder's argmax. The full-size conversion is checked
+    against the reference in tests/test_convert_dvae.py."""
     torch = pytest.importorskip("torch", reason="building the reference weights needs torch (CPU)")
     dall_e = pytest.importorskip("dall_e", reason="building the reference weights needs the DALL-E==0.1 package")
     from dalle_jax.data.pipeline import open_split
     from dalle_jax.runs import load_dvae
 
     torch.manual_seed(0)
-    torch.save(dall_e.Encoder(requires_grad=False), tmp_path / "encoder.pkl")
-    torch.save(dall_e.Decoder(requires_grad=False), tmp_path / "decoder.pkl")
+    torch.save(dall_e.Encoder(n_hid=64, vocab_size=8192, requires_grad=False), tmp_path / "encoder.pkl")
+    torch.save(dall_e.Decoder(n_init=8, n_hid=64, vocab_size=8192, requires_grad=False), tmp_path / "decoder.pkl")
     converted = tmp_path / "openai_dvae"
     assert main(["convert", "openai-dvae", "--encoder", str(tmp_path / "encoder.pkl"), "--decoder",
                  str(tmp_path / "decoder.pkl"), "--out", str(converted)]) == 0
