@@ -135,3 +135,21 @@ def test_data_sources_train_accepts(tmp_path):
     assert "/captioned_folder/" in built["dataset_dir"] and built["build"].startswith("folder dataset: 3 images")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         build_dataset_from(str(tmp_path / "nowhere"), 32, tmp_path / "out", BuildOptions(), verbose=False)
+
+
+def test_unusable_data_is_one_line(tmp_path, capsys):
+    """A folder without one usable image and a parquet file without the named column stop `train` with one line,
+    exit 2, before any training."""
+    empty = tmp_path / "nothing_usable"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("a caption without an image")
+    (empty / "broken.png").write_bytes(b"not a png")
+    assert main(["train", "--data", str(empty), "--out", str(tmp_path / "a"), "--preset", "quick", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no usable images" in err[0] and "1 corrupt" in err[0]
+    write_parquet_files(tmp_path / "pq", np.random.default_rng())
+    assert main(["train", "--data", str(tmp_path / "pq"), "--out", str(tmp_path / "b"), "--preset", "quick",
+                 "--caption-column", "alt_text", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no caption column 'alt_text'" in err[0]
+    assert not (tmp_path / "b" / "dvae").exists()

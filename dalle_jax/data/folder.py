@@ -37,6 +37,8 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from dalle_jax.errors import DatasetError
+
 REPORT_FILENAME = "build_report.json"
 # Order used in the summary line; the keys of BuildReport.skipped.
 SKIP_REASONS = (
@@ -68,7 +70,7 @@ _MODE_NAMES = {
 _PER_CATEGORY_LIST_LIMIT = 20  # CLI printing only; build_report.json always holds every file
 
 
-class FolderInputError(ValueError):
+class FolderInputError(DatasetError):
     """The folder (or its spec) cannot produce a dataset; the message names the path and the fix."""
 
 

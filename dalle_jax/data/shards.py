@@ -414,8 +414,8 @@ def _finish(version_dir: Path, shards: list[Path], spec: ShardsSpec) -> None:
     for i, shard in enumerate(shards):
         part = _done_part(version_dir, i, shard)
         if part is None:
-            raise RuntimeError(f"shard {shard} has no finished part in {version_dir / _PARTS}: a host stopped "
-                               "before converting it; rerun the same command")
+            raise FolderInputError(f"shard {shard} has no finished part in {version_dir / _PARTS}: a host stopped "
+                                   "before converting it; rerun the same command")
         parts.append(part)
     report = BuildReport(kind="shards")
     report.splits = {"train": 0, **({"validation": 0} if spec.validation_fraction > 0 else {})}

@@ -46,8 +46,6 @@ class BuildOptions:
 
 def build_dataset_from(source: str, image_size: int, out: Path, options: BuildOptions, *, verbose: bool) -> dict:
     """SRC -> a dataset version directory under `out` (or SRC itself when it already is one); its build report."""
-    from dalle_jax.data import folder, shards
-
     path = Path(source).expanduser()
     prepared = _prepared_dataset(path)
     if prepared is not None:
@@ -55,23 +53,31 @@ def build_dataset_from(source: str, image_size: int, out: Path, options: BuildOp
     if not path.exists():
         raise FileNotFoundError(f"--data {path} does not exist; pass a folder of images with name.txt captions, "
                                 "web-dataset .tar shards, .parquet files, or a prepared dataset directory")
+    try:
+        version_dir, report = _build(path, image_size, out, options, verbose)
+    except FileExistsError as err:  # a build from files that have changed since: the message says what to do
+        raise DatasetError(str(err)) from err
+    return {"dataset_dir": version_dir, "build": report.summary()}
+
+
+def _build(path: Path, image_size: int, out: Path, options: BuildOptions, verbose: bool) -> tuple[str, Any]:
     import jax
 
     from dalle_jax import distributed
+    from dalle_jax.data import folder, shards
 
     if shards.is_shard_source(path):  # on several hosts each converts its share of the shards
         spec = shards.ShardsSpec((str(path),), image_size, options.image_column, options.caption_column,
                                  options.validation_fraction)
-        version_dir, report = shards.build_shards(str(out), spec, workers=options.workers, verbose=verbose,
-                                                  process_index=jax.process_index(),
-                                                  process_count=jax.process_count(), barrier=distributed.barrier)
-    else:  # process 0 builds; the others then find its build and reuse it
-        spec = folder.FolderSpec(str(path), image_size, options.manifest, options.validation_fraction)
-        if distributed.is_main():
-            folder.build_folder(str(out), spec, verbose=verbose)
-        distributed.barrier("dalle_jax_build_folder")
-        version_dir, report = folder.build_folder(str(out), spec)
-    return {"dataset_dir": version_dir, "build": report.summary()}
+        return shards.build_shards(str(out), spec, workers=options.workers, verbose=verbose,
+                                   process_index=jax.process_index(), process_count=jax.process_count(),
+                                   barrier=distributed.barrier)
+    # a folder: process 0 builds; the others then find its build and reuse it
+    spec = folder.FolderSpec(str(path), image_size, options.manifest, options.validation_fraction)
+    if distributed.is_main():
+        folder.build_folder(str(out), spec, verbose=verbose)
+    distributed.barrier("dalle_jax_build_folder")
+    return folder.build_folder(str(out), spec)
 
 
 def _prepared_dataset(path: Path) -> Path | None:
