@@ -127,10 +127,8 @@ def load_dvae(run_or_dvae_dir: str | Path, use_ema: bool = True) -> Any:
     Works for any checkpoint whose state has "params" / "ema_params" pure dicts beside other items (a
     trainer's optimizer state, step, key): those are read too (Orbax restores whole trees) and dropped.
     """
-    import orbax.checkpoint as ocp
-
     from dalle_jax.models.dvae import DVAEConfig, abstract_params, dvae_from_params
-    from dalle_jax.train.checkpoint import STATE, Checkpointer
+    from dalle_jax.train.checkpoint import Checkpointer
     from dalle_jax.train.loop import check_finite
 
     directory = find_model_dir(run_or_dvae_dir, "dvae")
@@ -146,10 +144,7 @@ def load_dvae(run_or_dvae_dir: str | Path, use_ema: bool = True) -> Any:
         latest = checkpointer.latest_step()
         if latest is None:
             raise FileNotFoundError(f"{checkpoints} holds no finished checkpoint")
-        on_disk = ocp.StandardCheckpointHandler().metadata(checkpointer.step_directory(latest) / STATE)
-        abstract = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
-                                       is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-                    for name, tree in dict(on_disk.tree).items()}
+        abstract = checkpointer.saved_abstract(latest, device)
         if key not in abstract:
             raise KeyError(f"checkpoint {checkpointer.step_directory(latest)} has no '{key}' (items: "
                            f"{sorted(abstract)}){'; try use_ema=False' if use_ema else ''}")

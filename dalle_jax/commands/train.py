@@ -67,9 +67,9 @@ def _train(args: argparse.Namespace) -> int:
     config = config_lib.resolve(args.preset, sets + list(args.set))
     dvae = args.dvae
     if args.init_from:
-        for stage in ("dvae", "prior", "clip"):
+        for stage in ("prior", "clip"):
             runs.find_model_dir(args.init_from, stage)  # FileNotFoundError names what is missing
-        dvae = str(runs.stage_dir(args.init_from, "dvae").resolve())
+        dvae = str(runs.find_model_dir(args.init_from, "dvae").resolve())
     options = own_data.BuildOptions(args.validation_fraction, args.workers, args.image_column, args.caption_column,
                                     args.manifest)
     run = own_data.OwnDataRun(config, Path(args.out), args.seed, progress=not args.quiet, num_samples=args.samples,

@@ -126,15 +126,27 @@ class BuildReport:
         if detail:
             self.details[entry] = detail
 
+    def keep(self, entry: str, img: Image.Image, image_size: int) -> None:
+        """Notes a kept image's conversion (its mode, unless RGB) and whether it is upscaled to `image_size`."""
+        label = mode_label(img)
+        if label is not None:
+            self.converted.setdefault(label, []).append(entry)
+        if min(img.size) < image_size:
+            self.upscaled.append(entry)
+
+    def skipped_counts(self) -> str:
+        """"3 corrupt, 1 missing caption", or "none"."""
+        skipped = [f"{len(self.skipped[r])} {r}" for r in SKIP_REASONS if self.skipped.get(r)]
+        return ", ".join(skipped) or "none"
+
     def summary(self) -> str:
         splits = ", ".join(
             f"{name} {count}" + ("" if count else " (split not written)") for name, count in self.splits.items()
         )
-        skipped = [f"{len(self.skipped[r])} {r}" for r in SKIP_REASONS if self.skipped.get(r)]
         converted = [f"{len(files)} {_MODE_NAMES.get(m, m)}" for m, files in sorted(self.converted.items())]
         return (
             f"{self.kind} dataset: {self.kept} images kept ({splits}); "
-            f"skipped: {', '.join(skipped) or 'none'}; "
+            f"skipped: {self.skipped_counts()}; "
             f"converted: {', '.join(converted) or 'none'}; "
             f"upscaled: {len(self.upscaled)}"
         )
@@ -470,11 +482,7 @@ def scan_folder(spec: FolderSpec, progress: bool = False) -> tuple[list[Captione
         if problem is not None:
             report.skip(problem[0], source, problem[1])
             continue
-        label = mode_label(img)
-        if label is not None:
-            report.converted.setdefault(label, []).append(source)
-        if min(img.size) < spec.image_size:
-            report.upscaled.append(source)
+        report.keep(source, img, spec.image_size)
         items.append(CaptionedImage(str(path), caption))
         fingerprint.update(f"{source}\0{caption}\0".encode() + hashlib.sha256(data).digest())
     for split in assign_splits([_source_name(root, Path(item.path)) for item in items], spec.validation_fraction,
@@ -582,7 +590,7 @@ def build_folder(
     """
     items, report = scan_folder(spec, progress=verbose)
     if not items:
-        found = report.summary().split("; ")[1].removeprefix("skipped: ").replace("none", "no files at all")
+        found = report.skipped_counts().replace("none", "no files at all")
         raise FolderInputError(
             f"no usable images in {Path(spec.source).expanduser()} (found {found}). Each image needs a "
             "non-empty caption: a name.txt beside name.jpg, or a line in a --manifest file"

@@ -286,11 +286,7 @@ def convert_shard(version_dir: str, index: int, shard: str, name: str, spec: Sha
             if problem is not None:
                 report.skip(problem[0], source, problem[1])
                 continue
-            label = folder.mode_label(img)
-            if label is not None:
-                report.converted.setdefault(label, []).append(source)
-            if min(img.size) < spec.image_size:
-                report.upscaled.append(source)
+            report.keep(source, img, spec.image_size)
             image, _ = folder.preprocess_image(img, spec.image_size)
             split = folder.assign_split(source, spec.validation_fraction, spec.seed)
             if split == "train":
@@ -434,8 +430,7 @@ def _finish(version_dir: Path, shards: list[Path], spec: ShardsSpec) -> None:
     report.kept = sum(report.splits.values())
     report.fingerprint = fingerprint.hexdigest()
     if not report.kept:
-        found = report.summary().split("; ")[1].removeprefix("skipped: ")
-        raise FolderInputError(f"no usable records in {len(shards)} shards (found {found}); see "
+        raise FolderInputError(f"no usable records in {len(shards)} shards (found {report.skipped_counts()}); see "
                                f"{version_dir / _PARTS} for each shard's report")
     if spec.validation_fraction > 0 and not report.splits["validation"]:
         _move_first_to_validation(version_dir, parts, report)

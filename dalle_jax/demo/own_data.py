@@ -72,12 +72,12 @@ def _build(path: Path, image_size: int, out: Path, options: BuildOptions, verbos
         return shards.build_shards(str(out), spec, workers=options.workers, verbose=verbose,
                                    process_index=jax.process_index(), process_count=jax.process_count(),
                                    barrier=distributed.barrier)
-    # a folder: process 0 builds; the others then find its build and reuse it
+    # a folder: process 0 builds; the others then find its build and reuse it (each build scans the whole folder,
+    # so process 0 keeps its own result instead of scanning again)
     spec = folder.FolderSpec(str(path), image_size, options.manifest, options.validation_fraction)
-    if distributed.is_main():
-        folder.build_folder(str(out), spec, verbose=verbose)
+    built = folder.build_folder(str(out), spec, verbose=verbose) if distributed.is_main() else None
     distributed.barrier("dalle_jax_build_folder")
-    return folder.build_folder(str(out), spec)
+    return built if built is not None else folder.build_folder(str(out), spec)
 
 
 def _prepared_dataset(path: Path) -> Path | None:

@@ -237,6 +237,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def saved_abstract(self, step: int, sharding: Any) -> dict:
+        """The state saved at `step` as ShapeDtypeStructs placed by `sharding`, read from the metadata alone: a
+        restore target for a checkpoint whose trainer (optimizer state, extra items) is not rebuilt here."""
+        on_disk = ocp.StandardCheckpointHandler().metadata(self.step_directory(step) / STATE)
+        return {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree,
+                                   is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+                for name, tree in dict(on_disk.tree).items()}
+
     def should_save(self, step: int) -> bool:
         """Whether `save(step, ...)` without `force` would write (interval or agreed preemption point)."""
         return self._manager.should_save(step)

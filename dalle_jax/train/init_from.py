@@ -39,9 +39,7 @@ def load_source_params(source: str | Path, stage: str, spec: Any) -> dict:
     Raises:
         ConfigError: the source has no checkpoint, or its parameters differ in name or shape from the new run's.
     """
-    import orbax.checkpoint as ocp
-
-    from dalle_jax.train.checkpoint import STATE, Checkpointer
+    from dalle_jax.train.checkpoint import Checkpointer
 
     directory = source_checkpoints(source, stage)
     if not directory.is_dir():
@@ -51,12 +49,8 @@ def load_source_params(source: str | Path, stage: str, spec: Any) -> dict:
         step = checkpointer.latest_step()
         if step is None:
             raise ConfigError(f"{stage}_train.init_from={source}: {directory} holds no finished checkpoint")
-        on_disk = dict(ocp.StandardCheckpointHandler().metadata(checkpointer.step_directory(step) / STATE).tree)
-        _check_shapes(_flat_shapes(on_disk["params"]), _flat_shapes(spec.abstract["params"]), source, stage)
-        replicated = spec.shardings["step"]
-        abstract = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), tree,
-                                       is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-                    for name, tree in on_disk.items()}
+        abstract = checkpointer.saved_abstract(step, spec.shardings["step"])  # replicated
+        _check_shapes(_flat_shapes(abstract["params"]), _flat_shapes(spec.abstract["params"]), source, stage)
         for name in ("params", "ema_params"):
             if name in abstract:
                 abstract[name] = spec.abstract["params"]
