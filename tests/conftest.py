@@ -27,3 +27,15 @@ def quick_demo(tmp_path_factory):
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return run, result
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (the README's `pytest -n 2 --dist loadgroup`) each test file runs whole on one worker, so
+    its module fixtures (quick sweeps, trained runs) are built once; the files that read the session's quick demo
+    share one worker, so the demo too is trained once. Without xdist this adds nothing."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    demo_modules = {item.module.__name__ for item in items if "quick_demo" in getattr(item, "fixturenames", ())}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("quick_demo" if module in demo_modules else module))
