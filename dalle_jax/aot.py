@@ -578,7 +578,8 @@ def _sample_programs(config: Config, mesh: jax.sharding.Mesh, batch: int) -> tup
     shape = sampler.cache_shape(model_cfg, batch)
     cache_sharding = sharding.named_sharding(mesh, sampler.CACHE_AXES, rules, shape, "KV cache")
     dtype = jnp.dtype(model_cfg.compute_dtype)
-    cache = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=cache_sharding) for name in ("k", "v")}
+    cache = [{name: jax.ShapeDtypeStruct(shape, dtype, sharding=cache_sharding) for name in ("k", "v")}
+             for _ in range(model_cfg.n_layers)]
 
     def batched(shape, dtype=jnp.int32):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_sharding(
@@ -599,7 +600,7 @@ def _sample_programs(config: Config, mesh: jax.sharding.Mesh, batch: int) -> tup
         return model.image_logits(h)[:, 0].astype(jnp.float32), cache
 
     # Inputs keep the shardings their ShapeDtypeStructs carry; the cache is donated, as in the sampler.
-    out = (logits_sharding, {"k": cache_sharding, "v": cache_sharding})
+    out = (logits_sharding, [{"k": cache_sharding, "v": cache_sharding}] * model_cfg.n_layers)
     jit_prefill = jax.jit(prefill, out_shardings=out, donate_argnums=1)
     jit_decode = jax.jit(decode, out_shardings=out, donate_argnums=1)
 

@@ -189,7 +189,7 @@ def test_shapes_render_entry_reports_consistent_figures():
 
 def test_sampler_roofline_counts_the_bytes_a_decode_step_reads():
     """The roofline's weight bytes are exactly the prior's block parameters (in the serving dtype) plus the fp32
-    image head, and its cache bytes the (layers, batch, seq_len, heads, head_dim) k and v buffers the sampler
+    image head, and its cache bytes the per-layer (batch, heads, seq_len, head_dim) k and v buffers the sampler
     allocates."""
     from benchmarks.bench_prior import bench_configs
     from benchmarks.bench_sampler import _random_prior, step_bytes
@@ -201,4 +201,4 @@ def test_sampler_roofline_counts_the_bytes_a_decode_step_reads():
         layers = sum(leaf.nbytes for leaf in jax.tree.leaves({k: v[...] for k, v in model.layers.items()}))
         counted = step_bytes(config, batch=3, dtype=dtype)
         assert counted["weights"] == layers + model.image_head[...].nbytes
-        assert counted["kv_cache"] == 2 * math.prod(cache_shape(config, 3)) * width
+        assert counted["kv_cache"] == 2 * config.n_layers * math.prod(cache_shape(config, 3)) * width

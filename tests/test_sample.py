@@ -303,7 +303,8 @@ def test_sharded_sampling_equals_single_device():
     assert sharded.shape == (3, SPARSE.image_len)
     np.testing.assert_array_equal(sharded, single)
     cache = sample_lib._Placement(mesh, rules).cache(SPARSE, 8, jnp.float32)
-    assert cache["k"].sharding.spec == PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
+    assert len(cache) == SPARSE.n_layers
+    assert cache[0]["k"].sharding.spec == PartitionSpec(("data", "fsdp"), "tensor", None, None)
 
 
 def test_bf16_serving_stays_within_its_stated_bound_of_fp32():

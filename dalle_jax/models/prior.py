@@ -11,9 +11,9 @@ Layers are stacked (a leading "layers" axis on every block parameter) and applie
 picks its mask from a small stack by index, so 64 layers compile like one. Every parameter carries logical axis
 names and activations are constrained by name, so data / FSDP / tensor parallelism is only a change of rules.
 
-One attention function serves training, prefill and decoding: it takes an optional KV cache
-(k, v: (layers, B, L, heads, head_dim)) and the absolute position of the first query, writes the new keys and
-values at that position and returns the updated cache.
+One block function serves training, prefill and decoding: with a KV cache (per layer k, v: (B, heads, L,
+head_dim)) and the absolute position of the first query it writes the new keys and values at that position and
+returns the updated cache. Decoding loops over the layers in Python rather than scanning: see `forward`.
 """
 
 from __future__ import annotations
@@ -212,13 +212,15 @@ class Prior(nnx.Module):
 
     # ---------------------------------------------------------------------------------------------- body
 
-    def forward(self, tokens: jax.Array, start: jax.Array | int = 0, cache: dict | None = None,
-                dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+    def forward(self, tokens: jax.Array, start: jax.Array | int = 0, cache: list[dict] | None = None,
+                dropout_key: jax.Array | None = None, layers: list[dict] | None = None
+                ) -> tuple[jax.Array, list[dict] | None]:
         """Hidden states (B, S, d) fp32 after the final norm for `tokens` at positions start..start+S-1.
 
-        Without a cache the keys are these S positions (training, `start` = 0). With a cache
-        {"k", "v": (layers, B, L, heads, head_dim)} they are the cache with this call's keys written at `start`;
-        the updated cache is returned.
+        Without a cache the keys are these S positions (training, `start` = 0). With a cache (one
+        {"k", "v": (B, heads, L, head_dim)} per layer, `init_cache`) they are the cache with this call's keys
+        written at `start`; the updated cache is returned. `layers` (cached calls only) are `layer_params()`
+        taken once by a caller that decodes many steps.
         """
         c = self.config
         s = tokens.shape[1]
@@ -231,22 +233,19 @@ class Prior(nnx.Module):
         use_splash = full and c.attention_impl == "splash"
         dtype = jnp.dtype(c.compute_dtype)
 
-        params = {name: value[...] for name, value in self.layers.items()}
         if cache is not None:
-            # The whole cache rides in the scan's carry and each layer writes only this call's keys and values into
-            # it (in place): passing per-layer slices as scan inputs and outputs would copy the entire cache at
-            # every decode step.
-            def cached_layer(carry, xs):
-                x, k_all, v_all = carry
-                p, mask_index, index = xs
-                mask = jax.lax.dynamic_index_in_dim(masks, mask_index, keepdims=False)
-                x, (k_all, v_all) = _block(x, p, mask, start, k_all, v_all, c, dtype, None, layer=index)
-                return (x, k_all, v_all), None
+            # Decoding: a Python loop over the layers, each with its own cache buffers written in place. One stacked
+            # cache carried through a layer scan made XLA:CPU copy each layer's slice out of the stack at every
+            # step (and slices of stacked weights too; see `layer_params`).
+            layers = self.layer_params() if layers is None else layers
+            new_cache = []
+            for index, (p, layer_cache) in enumerate(zip(layers, cache, strict=True)):
+                mask = masks[int(layer_index[index])]
+                x, kv = _block(x, p, mask, start, (layer_cache["k"], layer_cache["v"]), c, dtype, None)
+                new_cache.append({"k": kv[0], "v": kv[1]})
+            return layer_norm(x, self.final_scale[...], self.final_bias[...]), new_cache
 
-            (x, k_all, v_all), _ = jax.lax.scan(cached_layer, (x, cache["k"], cache["v"]),
-                                                (params, jnp.asarray(layer_index), jnp.arange(c.n_layers)))
-            return layer_norm(x, self.final_scale[...], self.final_bias[...]), {"k": k_all, "v": v_all}
-
+        params = {name: value[...] for name, value in self.layers.items()}
         train_dropout = c.dropout > 0 and dropout_key is not None
         keys = (jax.random.split(dropout_key, c.n_layers) if train_dropout
                 else jnp.zeros((c.n_layers,), jnp.uint32))
@@ -254,7 +253,7 @@ class Prior(nnx.Module):
         def layer(x, xs):
             p, mask_index, key = xs
             mask = jax.lax.dynamic_index_in_dim(masks, mask_index, keepdims=False)
-            x, _ = _block(x, p, mask, start, None, None, c, dtype,
+            x, _ = _block(x, p, mask, start, None, c, dtype,
                           key if train_dropout else None, blocks, mask_index if use_splash else None)
             return x, None
 
@@ -276,20 +275,31 @@ class Prior(nnx.Module):
         t = self.config.text_len
         return self.text_logits(h[:, :t]), self.image_logits(h[:, t:])
 
-    def init_cache(self, batch: int, dtype: Any = jnp.float32) -> dict:
+    def layer_params(self) -> list[dict]:
+        """Each layer's parameters as its own arrays (copies of the stack's slices).
+
+        XLA:CPU copies a slice of a stacked weight every time it is taken inside a loop, so a decode loop that
+        indexed the stack at every step read every weight three times; taking the slices once before the loop
+        costs one copy of the block weights per call.
+        """
+        stacked = {name: value[...] for name, value in self.layers.items()}
+        return [{name: value[i] for name, value in stacked.items()} for i in range(self.config.n_layers)]
+
+    def init_cache(self, batch: int, dtype: Any = jnp.float32) -> list[dict]:
+        """An empty KV cache: per layer {"k", "v": (B, heads, seq_len, head_dim)} (head-major: `attend_head_major`)."""
         c = self.config
-        shape = (c.n_layers, batch, c.seq_len, c.n_heads, c.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        shape = (batch, c.n_heads, c.seq_len, c.head_dim)
+        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(c.n_layers)]
 
 
-def _block(x: jax.Array, p: dict, mask: jax.Array, start: jax.Array | int, k_cache: jax.Array | None,
-           v_cache: jax.Array | None, c: PriorConfig, dtype: Any, key: jax.Array | None,
-           blocks: tuple[tuple[int, int, int], ...] | None = None, splash_mask_index: jax.Array | None = None,
-           layer: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+def _block(x: jax.Array, p: dict, mask: jax.Array, start: jax.Array | int,
+           kv_cache: tuple[jax.Array, jax.Array] | None, c: PriorConfig, dtype: Any, key: jax.Array | None,
+           blocks: tuple[tuple[int, int, int], ...] | None = None, splash_mask_index: jax.Array | None = None
+           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block. x (B, S, d) fp32 residual stream; mask (L, L) bool for this layer.
 
-    With a cache, k_cache / v_cache are the whole stacks (layers, B, L, heads, head_dim): this block writes its
-    keys and values at (`layer`, `start`) and attends over its layer's slice; the updated stacks are returned.
+    With a cache, kv_cache is this layer's (k, v), each (B, heads, L, head_dim): the block writes its keys and
+    values at `start` and attends over the whole buffer; the updated pair is returned.
     `blocks` selects the "blocked" attention, `splash_mask_index` (this layer's index into the mask stack) the
     splash kernel; both only for the full sequence without a cache.
     """
@@ -299,18 +309,15 @@ def _block(x: jax.Array, p: dict, mask: jax.Array, start: jax.Array | int, k_cac
     k = constrain(jnp.einsum("bsd,dhk->bshk", h, w["wk"]) + w["bk"], HEADS)
     v = constrain(jnp.einsum("bsd,dhk->bshk", h, w["wv"]) + w["bv"], HEADS)
     new_kv = None
-    if k_cache is not None:
-        at = (layer, 0, start, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
-        new_kv = (k_cache, v_cache)
-        k = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)
-        v = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
-    k, v = k.astype(dtype), v.astype(dtype)
-    if splash_mask_index is not None:  # the same values from the block-sparse TPU kernel (models/splash.py)
-        attn = splash_lib.splash_attention(q, k, v, splash_mask_index, c)
+    if kv_cache is not None:  # head-major (B, heads, L, head_dim): see `attend_head_major`
+        at = (0, 0, start, 0)
+        new_kv = tuple(jax.lax.dynamic_update_slice(buffer, jnp.swapaxes(new, 1, 2).astype(buffer.dtype), at)
+                       for buffer, new in zip(kv_cache, (k, v), strict=True))
+        attn = attend_head_major(q, new_kv[0].astype(dtype), new_kv[1].astype(dtype), mask, start)
+    elif splash_mask_index is not None:  # the same values from the block-sparse TPU kernel (models/splash.py)
+        attn = splash_lib.splash_attention(q, k.astype(dtype), v.astype(dtype), splash_mask_index, c)
     elif blocks is None:
-        attn = attend(q, k, v, mask, start)
+        attn = attend(q, k.astype(dtype), v.astype(dtype), mask, start)
     else:  # same values, without the key blocks no query of a block can see (see query_blocks)
         attn = jnp.concatenate([attend(q[:, a:b], k[:, :hi], v[:, :hi], mask, a) for a, b, hi in blocks], axis=1)
     out = jnp.einsum("bshk,hkd->bsd", attn, w["wo"], preferred_element_type=jnp.float32) + w["bo"]
@@ -335,6 +342,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, start: jax
     scores = jnp.where(visible[None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhst,bthd->bshd", probs, v)
+
+
+def attend_head_major(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, start: jax.Array | int
+                      ) -> jax.Array:
+    """`attend` with k, v (B, heads, Lk, D): the KV cache's layout.
+
+    With (B, Lk, heads, D) keys, XLA:CPU transposed the layer's whole cache into head-major order for the score and
+    value matmuls at every decode step: two full copies per layer and step, the largest cost of a decode step (a
+    trace at batch 4: 44% of the time). Stored head-major, the matmuls read the cache as it lies.
+    """
+    s, lk = q.shape[1], k.shape[2]
+    visible = jax.lax.dynamic_slice(mask, (start, 0), (s, lk))
+    scores = jnp.einsum("bshd,bhtd->bhst", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(visible[None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhst,bhtd->bshd", probs, v)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

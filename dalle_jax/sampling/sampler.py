@@ -42,7 +42,7 @@ from dalle_jax import sharding
 from dalle_jax.errors import ConfigError
 from dalle_jax.models.prior import Prior, PriorConfig
 
-CACHE_AXES = ("layers", "batch", "length", "heads", "kv")  # k, v: (layers, B, L, heads, head_dim)
+CACHE_AXES = ("batch", "heads", "length", "kv")  # each layer's k, v: (B, heads, L, head_dim), head-major
 NEG_INF = -jnp.inf
 
 
@@ -149,37 +149,52 @@ def _tile(x: jax.Array, guided: bool) -> jax.Array:
     return jnp.concatenate([x, x], axis=0) if guided else x
 
 
-def _constrain_cache(cache: dict) -> dict:
-    return {name: sharding.constrain(value, CACHE_AXES) for name, value in cache.items()}
+def _constrain_cache(cache: list[dict]) -> list[dict]:
+    return jax.tree.map(lambda value: sharding.constrain(value, CACHE_AXES), cache)
 
 
 def cache_shape(config: PriorConfig, batch: int) -> tuple[int, ...]:
-    """Shape of the KV cache's k and v: (layers, batch, seq_len, heads, head_dim), axes `CACHE_AXES`."""
-    return (config.n_layers, batch, config.seq_len, config.n_heads, config.head_dim)
+    """Shape of one layer's k and v in the KV cache (a list of per-layer {"k", "v"}): (batch, heads, seq_len,
+    head_dim), axes `CACHE_AXES`."""
+    return (batch, config.n_heads, config.seq_len, config.head_dim)
 
 
-def prefill(model: Prior, cache: dict, text: jax.Array, image: jax.Array) -> tuple[jax.Array, dict]:
+def decode_layers(model: Prior) -> list[dict] | None:
+    """The per-layer weights a decode loop should take once, before its steps (`Prior.layer_params`), or None
+    (each step slices the stack itself).
+
+    XLA:CPU copies a slice of the stacked weights every time a step takes it: a decode step read every weight
+    three times (a trace at batch 4: ~40% of the step). Taking them once costs one extra copy of the block
+    weights while sampling. TPU and GPU compilers read such slices in place inside the matmul, so there the
+    stack is sliced per step and no copy is held.
+    """
+    return model.layer_params() if jax.default_backend() == "cpu" else None
+
+
+def prefill(model: Prior, cache: list[dict], text: jax.Array, image: jax.Array, layers: list[dict] | None = None
+            ) -> tuple[jax.Array, list[dict]]:
     """The sampler's prefill pass: [start | text | image[:, :-1]] at positions 0.. into an empty cache.
 
     text (B, T) ids; image (B, P + 1) holds a prefix of P image tokens and one more slot (never read: the
     forward's inputs are shifted by one). Returns the hidden states (B, T + 1 + P, d) and the filled cache; the
     last position predicts image token P. `dalle-jax aot` compiles this same function.
     """
-    h, cache = model.forward(Prior.input_tokens(text, image), 0, cache)
+    h, cache = model.forward(Prior.input_tokens(text, image), 0, cache, layers=layers)
     return h, _constrain_cache(cache)
 
 
-def decode_step(model: Prior, cache: dict, token: jax.Array, position: jax.Array | int) -> tuple[jax.Array, dict]:
+def decode_step(model: Prior, cache: list[dict], token: jax.Array, position: jax.Array | int,
+                layers: list[dict] | None = None) -> tuple[jax.Array, list[dict]]:
     """One cached decode step: `token` (B,) fed at `position` -> its hidden state (B, 1, d) and the cache.
 
     Feeding image token j - 1 at position T + j gives the logits of token j. `dalle-jax aot` compiles this same
     function.
     """
-    h, cache = model.forward(token[:, None], position, cache)
+    h, cache = model.forward(token[:, None], position, cache, layers=layers)
     return h, _constrain_cache(cache)
 
 
-def _decode_cached(model: Prior, cache: dict, text: jax.Array, pad_ids: jax.Array, image: jax.Array,
+def _decode_cached(model: Prior, cache: list[dict], text: jax.Array, pad_ids: jax.Array, image: jax.Array,
                    prefix_len: int, scale: jax.Array, guided: bool, choose: Choose, collect: bool
                    ) -> tuple[jax.Array, dict, jax.Array | None]:
     """Prefill once, then one cached forward per image token.
@@ -194,15 +209,16 @@ def _decode_cached(model: Prior, cache: dict, text: jax.Array, pad_ids: jax.Arra
         logits = model.image_logits(h).astype(jnp.float32)
         return guide(logits, batch, scale) if guided else logits
 
+    layers = decode_layers(model)
     h, cache = prefill(model, cache, _branches(text, pad_ids, guided),
-                       _tile(image[:, : prefix_len + 1], guided))  # (B', T + 1 + P, d): positions 0..T+P
+                       _tile(image[:, : prefix_len + 1], guided), layers)  # (B', T + 1 + P, d): positions 0..T+P
     first = logits_of(h[:, t:] if collect else h[:, -1:])  # (B, P + 1 | 1, V); the last predicts token P
     token = choose(first[:, -1], jnp.asarray(prefix_len, jnp.int32), image)  # (B,)
     image = image.at[:, prefix_len].set(token)
 
     def step(carry, j):
         cache, image, token = carry
-        h, cache = decode_step(model, cache, _tile(token, guided), t + j)  # token j-1 at position T+j
+        h, cache = decode_step(model, cache, _tile(token, guided), t + j, layers)  # token j-1 at position T+j
         logits = logits_of(h)[:, 0]  # (B, V): image token j
         token = choose(logits, j, image)
         image = jax.lax.dynamic_update_slice(image, token[:, None], (0, j))
@@ -424,13 +440,14 @@ class _Placement:
         where = sharding.named_sharding(self.mesh, axes, self.rules, x.shape, what="sampler input")
         return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
-    def cache(self, config: PriorConfig, batch: int, dtype: Any) -> dict:
+    def cache(self, config: PriorConfig, batch: int, dtype: Any) -> list[dict]:
         shape = cache_shape(config, batch)
         if self.mesh is None:
-            return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-        where = sharding.named_sharding(self.mesh, CACHE_AXES, self.rules, shape, what="KV cache")
-        zeros = _sharded_zeros(shape, jnp.dtype(dtype), where)
-        return {"k": zeros(), "v": zeros()}
+            zeros = functools.partial(jnp.zeros, shape, dtype)
+        else:
+            where = sharding.named_sharding(self.mesh, CACHE_AXES, self.rules, shape, what="KV cache")
+            zeros = _sharded_zeros(shape, jnp.dtype(dtype), where)
+        return [{"k": zeros(), "v": zeros()} for _ in range(config.n_layers)]
 
     def get(self, x: jax.Array) -> np.ndarray:
         if jax.process_count() > 1:
