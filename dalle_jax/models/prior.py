@@ -286,7 +286,7 @@ class Prior(nnx.Module):
         return [{name: value[i] for name, value in stacked.items()} for i in range(self.config.n_layers)]
 
     def init_cache(self, batch: int, dtype: Any = jnp.float32) -> list[dict]:
-        """An empty KV cache: per layer {"k", "v": (B, heads, seq_len, head_dim)} (head-major: `attend_head_major`)."""
+        """An empty KV cache: per layer {"k", "v": (B, heads, seq_len, head_dim)} (head-major: see `attend`)."""
         c = self.config
         shape = (batch, c.n_heads, c.seq_len, c.head_dim)
         return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(c.n_layers)]
@@ -309,11 +309,11 @@ def _block(x: jax.Array, p: dict, mask: jax.Array, start: jax.Array | int,
     k = constrain(jnp.einsum("bsd,dhk->bshk", h, w["wk"]) + w["bk"], HEADS)
     v = constrain(jnp.einsum("bsd,dhk->bshk", h, w["wv"]) + w["bv"], HEADS)
     new_kv = None
-    if kv_cache is not None:  # head-major (B, heads, L, head_dim): see `attend_head_major`
+    if kv_cache is not None:  # head-major (B, heads, L, head_dim): see `attend`
         at = (0, 0, start, 0)
         new_kv = tuple(jax.lax.dynamic_update_slice(buffer, jnp.swapaxes(new, 1, 2).astype(buffer.dtype), at)
                        for buffer, new in zip(kv_cache, (k, v), strict=True))
-        attn = attend_head_major(q, new_kv[0].astype(dtype), new_kv[1].astype(dtype), mask, start)
+        attn = attend(q, new_kv[0].astype(dtype), new_kv[1].astype(dtype), mask, start, head_major=True)
     elif splash_mask_index is not None:  # the same values from the block-sparse TPU kernel (models/splash.py)
         attn = splash_lib.splash_attention(q, k.astype(dtype), v.astype(dtype), splash_mask_index, c)
     elif blocks is None:
@@ -330,34 +330,25 @@ def _block(x: jax.Array, p: dict, mask: jax.Array, start: jax.Array | int,
     return constrain(x + _dropout(out, c.dropout, keys[1]), RESIDUAL), new_kv
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, start: jax.Array | int) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, start: jax.Array | int,
+           head_major: bool = False) -> jax.Array:
     """Masked softmax attention, one joint softmax per query, fp32 scores.
 
-    q (B, S, H, D) at positions start..start+S-1; k, v (B, Lk, H, D) at positions 0..Lk-1; mask (L, L) bool
-    over absolute positions. The reference implementation every faster kernel is tested against.
+    q (B, S, H, D) at positions start..start+S-1; k, v (B, Lk, H, D) at positions 0..Lk-1, or (B, H, Lk, D) with
+    `head_major` (the KV cache's layout); mask (L, L) bool over absolute positions. The reference implementation
+    every faster kernel is tested against.
+
+    Why the cache is head-major: with (B, Lk, H, D) keys XLA:CPU transposed the layer's whole cache for the score
+    and value matmuls at every decode step, two full copies per layer and step (a trace at batch 4: 44% of the
+    step). Stored head-major, the matmuls read the cache as it lies.
     """
-    s, lk = q.shape[1], k.shape[1]
+    kv = "bhtd" if head_major else "bthd"
+    s, lk = q.shape[1], k.shape[2 if head_major else 1]
     visible = jax.lax.dynamic_slice(mask, (start, 0), (s, lk))
-    scores = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.einsum(f"bshd,{kv}->bhst", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     scores = jnp.where(visible[None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhst,bthd->bshd", probs, v)
-
-
-def attend_head_major(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, start: jax.Array | int
-                      ) -> jax.Array:
-    """`attend` with k, v (B, heads, Lk, D): the KV cache's layout.
-
-    With (B, Lk, heads, D) keys, XLA:CPU transposed the layer's whole cache into head-major order for the score and
-    value matmuls at every decode step: two full copies per layer and step, the largest cost of a decode step (a
-    trace at batch 4: 44% of the time). Stored head-major, the matmuls read the cache as it lies.
-    """
-    s, lk = q.shape[1], k.shape[2]
-    visible = jax.lax.dynamic_slice(mask, (start, 0), (s, lk))
-    scores = jnp.einsum("bshd,bhtd->bhst", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    scores = jnp.where(visible[None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhst,bhtd->bshd", probs, v)
+    return jnp.einsum(f"bhst,{kv}->bshd", probs, v)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
