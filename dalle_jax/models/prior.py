@@ -276,12 +276,8 @@ class Prior(nnx.Module):
         return self.text_logits(h[:, :t]), self.image_logits(h[:, t:])
 
     def layer_params(self) -> list[dict]:
-        """Each layer's parameters as its own arrays (copies of the stack's slices).
-
-        XLA:CPU copies a slice of a stacked weight every time it is taken inside a loop, so a decode loop that
-        indexed the stack at every step read every weight three times; taking the slices once before the loop
-        costs one copy of the block weights per call.
-        """
+        """Each layer's parameters as its own arrays (copies of the stack's slices); why a decode loop takes them
+        once: `sampling.sampler.decode_layers`."""
         stacked = {name: value[...] for name, value in self.layers.items()}
         return [{name: value[i] for name, value in stacked.items()} for i in range(self.config.n_layers)]
 
@@ -309,15 +305,16 @@ def _block(x: jax.Array, p: dict, mask: jax.Array, start: jax.Array | int,
     k = constrain(jnp.einsum("bsd,dhk->bshk", h, w["wk"]) + w["bk"], HEADS)
     v = constrain(jnp.einsum("bsd,dhk->bshk", h, w["wv"]) + w["bv"], HEADS)
     new_kv = None
+    # k, v are in the compute dtype; only a cache (which may be stored in another dtype) needs casting back
     if kv_cache is not None:  # head-major (B, heads, L, head_dim): see `attend`
         at = (0, 0, start, 0)
         new_kv = tuple(jax.lax.dynamic_update_slice(buffer, jnp.swapaxes(new, 1, 2).astype(buffer.dtype), at)
                        for buffer, new in zip(kv_cache, (k, v), strict=True))
         attn = attend(q, new_kv[0].astype(dtype), new_kv[1].astype(dtype), mask, start, head_major=True)
     elif splash_mask_index is not None:  # the same values from the block-sparse TPU kernel (models/splash.py)
-        attn = splash_lib.splash_attention(q, k.astype(dtype), v.astype(dtype), splash_mask_index, c)
+        attn = splash_lib.splash_attention(q, k, v, splash_mask_index, c)
     elif blocks is None:
-        attn = attend(q, k.astype(dtype), v.astype(dtype), mask, start)
+        attn = attend(q, k, v, mask, start)
     else:  # same values, without the key blocks no query of a block can see (see query_blocks)
         attn = jnp.concatenate([attend(q[:, a:b], k[:, :hi], v[:, :hi], mask, a) for a, b, hi in blocks], axis=1)
     out = jnp.einsum("bshk,hkd->bsd", attn, w["wo"], preferred_element_type=jnp.float32) + w["bo"]

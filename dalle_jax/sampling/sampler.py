@@ -196,7 +196,7 @@ def decode_step(model: Prior, cache: list[dict], token: jax.Array, position: jax
 
 def _decode_cached(model: Prior, cache: list[dict], text: jax.Array, pad_ids: jax.Array, image: jax.Array,
                    prefix_len: int, scale: jax.Array, guided: bool, choose: Choose, collect: bool
-                   ) -> tuple[jax.Array, dict, jax.Array | None]:
+                   ) -> tuple[jax.Array, list[dict], jax.Array | None]:
     """Prefill once, then one cached forward per image token.
 
     image (B, N) int32 holds the prefix in [:, :prefix_len] (and, for teacher forcing, the tokens `choose`
