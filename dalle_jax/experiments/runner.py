@@ -10,7 +10,9 @@ by every experiment of that scale; OUT/shared when OUT is given):
     OUT/cells/<variant>/seed<k>/ dvae, prior, clip -> links to the shared stages; result.json when the cell is done
 
 Resumable: finished shared stages and cells are skipped; an interrupted training stage resumes from its checkpoints
-(the trainers' own resume), a SIGTERM during one saves and stops the run with a line saying to rerun.
+(the trainers' own resume), a SIGTERM during one saves and stops the run with a line saying to rerun. A sweep longer
+than one machine's session continues on another from its published results (`Runner.adopt`): a published cell whose
+variant, seed, scale, sampling and config equal this run's counts as finished and keeps its date and commit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +119,32 @@ class Runner:
     def result(self, variant: str, seed: int) -> dict:
         return json.loads((self.cell_dir(variant, seed) / RESULT).read_text())
 
+    def adopt(self, published: Path) -> list[tuple[str, int]]:
+        """Takes the cells of a published results.json (`experiment report --publish`) that this run would compute
+        identically (same variant, seed, scale, sampling and config, the dataset's location aside) as finished,
+        writing each into its cell directory with `adopted_from`; returns them. A published cell whose config
+        differs (the experiment or a preset changed since) is logged and left to run."""
+        document = json.loads(Path(published).read_text())
+        if document.get("experiment") != self.experiment.name:
+            raise ValueError(f"{published} holds experiment {document.get('experiment')!r}, "
+                             f"not {self.experiment.name!r}")
+        adopted = []
+        wanted = set(self.experiment.cells(self.seeds))
+        for cell in document.get("cells", []):
+            key = (cell["variant"], cell["seed"])
+            if key not in wanted or cell["scale"] != self.scale or self.cell_done(*key):
+                continue
+            config = config_lib.to_dict(self.experiment.config(*key, self.scale))
+            if (_comparable(cell["config"]) != _comparable(config)
+                    or cell.get("sampling", {}) != self.experiment.sampling.get(key[0], {})):
+                log.warning("%s: published cell %s/seed%d ran another config; it runs again", self.experiment.name,
+                            *key)
+                continue
+            self.cell_dir(*key).mkdir(parents=True, exist_ok=True)
+            _write_json(self.cell_dir(*key) / RESULT, {**cell, "adopted_from": str(published)})
+            adopted.append(key)
+        return adopted
+
     # ---- one cell
 
     def run_cell(self, variant: str, seed: int) -> dict:
@@ -152,7 +181,8 @@ class Runner:
         result = {"experiment": self.experiment.name, "variant": variant, "seed": seed, "scale": self.scale,
                   "overrides": self.experiment.variants[variant],
                   "sampling": self.experiment.sampling.get(variant, {}), "metrics": metrics, "diverged": diverged,
-                  "wall_s": time.perf_counter() - start, "config": config_lib.to_dict(config)}
+                  "wall_s": time.perf_counter() - start, "finished": time.strftime("%Y-%m-%d"),
+                  "commit": _commit(), "config": config_lib.to_dict(config)}
         _write_json(cell / RESULT, result)
         log.info("%s: cell %s/seed%d done in %.0f s", self.experiment.name, variant, seed, result["wall_s"])
         return result
@@ -214,6 +244,28 @@ class Runner:
     def _clip(self, config: Config, dataset: str, tokenizer: str, directory: Path) -> dict:
         summary = train_stage("clip", config, directory, data=dataset, tokenizer=tokenizer, progress=self.progress)
         return {"metrics": _metrics(summary), "preempted": summary["preempted"]}
+
+
+def _comparable(config: dict) -> dict:
+    """A config as JSON stores it (tuples as lists), without the dataset's location (the runner sets it)."""
+    config = json.loads(json.dumps(config, default=str))
+    config["data"].pop("data_dir", None)
+    return config
+
+
+def _commit() -> str | None:
+    """The source checkout's commit (with "+changes" when its tracked files differ), or None outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "dalle_jax"],
+                               capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.returncode else "")
 
 
 def _metrics(summary: dict) -> dict[str, float]:
