@@ -3,6 +3,7 @@ statistics (t-intervals, verdicts) and the CLIP Fréchet distance against refere
 through the CLI (cells share upstream stages, a rerun skips finished cells, a SIGTERM'd cell resumes, the report
 has intervals and a verdict per claim)."""
 
+import datetime
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from scipy import linalg, stats
 from dalle_jax import config as config_lib
 from dalle_jax.experiments import Claim, report, spec
 from dalle_jax.experiments.metrics import blur, frechet_distance, frechet_distance_from_stats
+from dalle_jax.experiments.runner import Runner
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
@@ -263,6 +265,8 @@ def test_quick_sweep_report_has_intervals_and_a_verdict_per_claim(quick_sweep):
     results = json.loads((out / "results.json").read_text())
     values = results["variants"]["weight_half"]["prior/eval/text_loss"]["values"]
     assert len(values) == 2 and f"{np.mean(values):.4g} [" in markdown  # mean and interval of the two seeds
+    today = datetime.date.today().isoformat()
+    assert f"- cells finished: {today} at " in markdown and "(4 cells)" in markdown
     assert (out / "plot.png").stat().st_size > 1000
 
 
@@ -275,6 +279,30 @@ def test_quick_sweep_rerun_skips_finished_cells(quick_sweep):
     assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/result.json")} == before
     reported = _cli("report", str(path), "--quick", "--out", str(out))
     assert reported.returncode == 0 and "4 cells" in reported.stdout
+
+
+def test_published_cells_with_this_runs_config_are_adopted_and_changed_ones_run_again(quick_sweep, tmp_path):
+    path, out, _ = quick_sweep
+    experiment = spec.load(str(path))
+    published = json.loads((out / "results.json").read_text())
+    changed = published["cells"][1]
+    changed["config"]["prior_train"]["text_loss_weight"] = 0.3  # as if the experiment changed since publishing
+    (tmp_path / "sweep.json").write_text(json.dumps(published))
+    runner = Runner(experiment, "quick", tmp_path / "out", progress=False)
+    adopted = runner.adopt(tmp_path / "sweep.json")
+    assert (changed["variant"], changed["seed"]) not in adopted and len(adopted) == 3
+    for variant, seed in adopted:
+        result = runner.result(variant, seed)
+        original = next(c for c in published["cells"] if (c["variant"], c["seed"]) == (variant, seed))
+        assert result["metrics"] == original["metrics"] and result["adopted_from"] == str(tmp_path / "sweep.json")
+    assert runner.adopt(tmp_path / "sweep.json") == []  # already finished here
+    published["experiment"] = "another"
+    (tmp_path / "other.json").write_text(json.dumps(published))
+    with pytest.raises(ValueError, match="another"):
+        runner.adopt(tmp_path / "other.json")
+    missing = _cli("run", str(path), "--quick", "--out", str(tmp_path / "out"), "--resume-published")
+    assert missing.returncode == 2 and "sweep.json does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_a_sigterm_during_a_cell_saves_and_the_rerun_resumes_it(tmp_path):

@@ -23,6 +23,7 @@ examples:
   dalle-jax experiment list
   dalle-jax experiment run dvae_kl_weight                 # -> runs/experiments/dvae_kl_weight/cpu
   dalle-jax experiment run prior_attention --quick --seeds 0,1
+  dalle-jax experiment run composition_compute --resume-published   # continue a sweep published elsewhere
   dalle-jax experiment report dvae_kl_weight --publish    # also -> experiments/results/dvae_kl_weight.*
 """
 
@@ -48,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--publish", action="store_true",
                          help="also copy the report to experiments/results/NAME.{md,json,png}")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "run":
+            sub.add_argument("--resume-published", action="store_true",
+                             help="count the cells of experiments/results/NAME.json whose variant, seed, scale and "
+                                  "config equal this run's as finished (each keeps its date and commit): a sweep "
+                                  "longer than one machine's session continues on another")
         sub.set_defaults(func=func)
 
 
@@ -92,9 +98,17 @@ def _setup(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dalle_jax.experiments import spec
     from dalle_jax.experiments.runner import Preempted
 
     runner, command = _setup(args)
+    if args.resume_published:
+        published = spec.default_directory() / "results" / f"{runner.experiment.name}.json"
+        if not published.is_file():
+            raise InputError(f"--resume-published: {published} does not exist; publish a report first "
+                             f"(`dalle-jax experiment report {runner.experiment.name} --publish`) or drop the flag")
+        adopted = runner.adopt(published)
+        print(f"{runner.experiment.name}: {len(adopted)} cells taken from {published}", file=sys.stderr)
     try:
         results = runner.run()
     except Preempted as stopped:  # like the trainers: a SIGTERM saves, says how to resume and exits 0

@@ -107,7 +107,8 @@ def write_report(experiment: Experiment, results: list[dict], out: Path, *, scal
     lines = [f"# Experiment `{experiment.name}` — scale `{scale}`", "",
              f"- command: `{command}`", f"- machine: {machine}", f"- date: {date}",
              f"- wall time: {wall_s / 60:.1f} min (cells and the stages they share)",
-             f"- seeds: {', '.join(map(str, seeds))}; intervals are {CONFIDENCE:.0%} Student-t over seeds", ""]
+             f"- seeds: {', '.join(map(str, seeds))}; intervals are {CONFIDENCE:.0%} Student-t over seeds",
+             f"- cells finished: {_provenance(results)}", ""]
     # The docstring after its first paragraph (the command): the claim, in the paper's words, and the set-up.
     lines += [" ".join(p.split()) + "\n" for p in experiment.doc.split("\n\n")[1:]]
     lines += ["## Claims", "", "| the paper says | compared (seed-paired a − b) | difference, mean [95% interval] | "
@@ -127,6 +128,17 @@ def write_report(experiment: Experiment, results: list[dict], out: Path, *, scal
         lines += ["", f"![{experiment.name}]({plot.name})"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return summary
+
+
+def _provenance(results: list[dict]) -> str:
+    """When and at which commit the cells ran, e.g. "2026-12-07 at d70b12a, adopted from a published report (6
+    cells); 2026-12-08 at 1f0e2d3 (6 cells)" (cells from before these fields: "date not recorded")."""
+    groups: dict[str, int] = {}
+    for r in results:
+        key = f"{r.get('finished', 'date not recorded')} at {r.get('commit') or 'unknown commit'}"
+        key += ", adopted from a published report" if r.get("adopted_from") else ""
+        groups[key] = groups.get(key, 0) + 1
+    return "; ".join(f"{key} ({n} cells)" for key, n in groups.items())
 
 
 INDEX_START, INDEX_END = "<!-- results table: written by `dalle-jax experiment report --publish` -->", "<!-- end -->"
