@@ -246,6 +246,10 @@ def test_quick_sweep_runs_every_cell_sharing_upstream_stages(quick_sweep):
     for cell in results["cells"]:
         metrics = cell["metrics"]
         assert 0.0 <= metrics["caption/mean/best_of_1"] <= 1.0
+        for category in ("in_distribution", "heldout", "position", "relations"):
+            # a sample right on everything is right on its colours and on its shapes
+            for concept in ("color", "shape"):
+                assert metrics[f"caption/{category}/{concept}_per_sample"] >= metrics[f"caption/{category}/best_of_1"]
         assert metrics["frechet/generated_blur0"] >= 0 and metrics["frechet/reconstructed_blur0"] >= 0
         cell_dir = out / "cells" / cell["variant"] / f"seed{cell['seed']}"
         assert (cell_dir / "samples.png").is_file() and (cell_dir / "samples_heldout.png").is_file()

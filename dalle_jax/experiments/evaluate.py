@@ -29,6 +29,9 @@ def evaluate_cell(cell: Path, config: Config, dataset: str, seed: int, options: 
         per_set.append(table)
         metrics.update({f"caption/{name}/best_of_{n}": v for n, v in table["best_of_n"].items()})
         metrics[f"caption/{name}/any_of_n"] = table["any_of_n"]
+        # Per concept, per sample: is composition the product of its parts (Okawa et al. 2023)?
+        metrics.update({f"caption/{name}/{key}_per_sample": rate
+                        for key, rate in attribute_rates(prompts, kept, ("color", "shape")).items()})
         if name == "in_distribution":
             save_sample_grid(cell / "samples.png", prompts, kept, columns=min(8, num))
         if name == "heldout":
@@ -39,6 +42,19 @@ def evaluate_cell(cell: Path, config: Config, dataset: str, seed: int, options: 
         metrics.update(frechet_metrics(run, dataset, seed, options["frechet_images"], options["blur_radii"],
                                        progress))
     return metrics
+
+
+def attribute_rates(prompts: list[str], kept: list[list], keys: tuple[str, ...]) -> dict[str, float]:
+    """The fraction of all candidates (every prompt's, unranked) that the scorer finds right on each key."""
+    from dalle_jax.data.scorer import score
+
+    right = {key: [] for key in keys}
+    for prompt, candidates in zip(prompts, kept, strict=True):
+        for candidate in candidates:
+            verdict = score(candidate.image, prompt)
+            for key in keys:
+                right[key].append(bool(verdict[key]))
+    return {key: float(np.mean(values)) for key, values in right.items()}
 
 
 def frechet_metrics(run, dataset: str, seed: int, count: int, radii: tuple, progress: bool) -> dict[str, float]:
