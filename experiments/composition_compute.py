@@ -39,5 +39,6 @@ EXPERIMENT = composition(
               b=("steps_1200", "caption/in_distribution/best_of_16"), expect="lower"),
     ),
     plot=("caption/in_distribution/best_of_16", "caption/heldout/best_of_16", "caption/position/best_of_16",
-          "caption/relations/best_of_16", "caption/heldout/best_of_1"),
+          "caption/relations/best_of_16", "caption/heldout/best_of_1", "caption/heldout/color_per_sample",
+          "caption/heldout/shape_per_sample"),
 )

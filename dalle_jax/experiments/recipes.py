@@ -67,6 +67,11 @@ COMPOSITION_EVALUATION = {"quick": {"num_samples": 4, "frechet_images": 0},
 COMPOSITION_METRICS = tuple(f"caption/{category}/best_of_{n}" for category in ("in_distribution", "heldout",
                                                                                  "position", "relations")
                             for n in (1, 16)) + ("prior/eval/image_loss", "prior/eval/image_loss_heldout")
+# Per concept, per sample (Okawa et al.: a pair is right about as often as the product of its concepts): which
+# concept a held-out pair fails on, and whether the dVAE's reconstructions could show it at all.
+COMPOSITION_METRICS += ("caption/in_distribution/color_per_sample", "caption/in_distribution/shape_per_sample",
+                        "caption/heldout/color_per_sample", "caption/heldout/shape_per_sample",
+                        "dvae/eval/recon_color_shape_acc")
 
 
 def composition(**fields):

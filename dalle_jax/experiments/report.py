@@ -138,7 +138,7 @@ def _provenance(results: list[dict]) -> str:
         key = f"{r.get('finished', 'date not recorded')} at {r.get('commit') or 'unknown commit'}"
         key += ", adopted from a published report" if r.get("adopted_from") else ""
         groups[key] = groups.get(key, 0) + 1
-    return "; ".join(f"{key} ({n} cells)" for key, n in groups.items())
+    return "; ".join(f"{key} ({n} cell{'s' if n > 1 else ''})" for key, n in groups.items())
 
 
 INDEX_START, INDEX_END = "<!-- results table: written by `dalle-jax experiment report --publish` -->", "<!-- end -->"
