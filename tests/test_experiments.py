@@ -184,6 +184,24 @@ def test_blur_removes_high_frequencies_and_radius_0_is_identity():
     assert blurred.shape == images.shape and blurred.std() < 0.25 * images.std()
 
 
+def test_round_trip_accuracy_groups_lattice_objects_by_size_and_holdout():
+    from dalle_jax.data import shapes
+    from dalle_jax.experiments.evaluate import round_trip_accuracy
+
+    config = config_lib.resolve("demo", ["data.holdout=red circle,blue square"])
+    objects = shapes.lattice_objects(32, 4)
+    assert len(objects) == 32 * (7 * 7 + 5 * 5)  # every pair; 7x7 corners for 8 px objects, 5x5 for 14 px ones
+    assert round_trip_accuracy(lambda images: images, config) == {
+        "round_trip/large_heldout": 1.0, "round_trip/large_trained": 1.0, "round_trip/small_heldout": 1.0,
+        "round_trip/small_trained": 1.0}
+    # a codec that always answers one large red circle is right exactly for the red circles (a held-out pair here)
+    circle = shapes.render_objects([objects[-1] | {"color": "red", "shape": "circle"}], 32)
+    measured = round_trip_accuracy(lambda images: np.broadcast_to(circle, images.shape), config)
+    assert measured["round_trip/large_heldout"] == pytest.approx(0.5)  # red circle right, blue square wrong
+    assert measured["round_trip/large_trained"] == 0.0 and measured["round_trip/small_trained"] == 0.0
+    assert measured["round_trip/small_heldout"] == pytest.approx(0.5)  # the scorer ignores size here
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 SWEEP = '''\
@@ -246,6 +264,9 @@ def test_quick_sweep_runs_every_cell_sharing_upstream_stages(quick_sweep):
     for cell in results["cells"]:
         metrics = cell["metrics"]
         assert 0.0 <= metrics["caption/mean/best_of_1"] <= 1.0
+        assert {k for k in metrics if k.startswith("round_trip/")} == {
+            f"round_trip/{size}_{pairs}" for size in ("small", "large") for pairs in ("trained", "heldout")}
+        assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k.startswith("round_trip/"))
         for category in ("in_distribution", "heldout", "position", "relations"):
             # a sample right on everything is right on its colours and on its shapes
             for concept in ("color", "shape"):

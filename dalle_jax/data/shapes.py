@@ -259,6 +259,19 @@ def _object(color: str, shape: str, size: str, x0: int, y0: int, image_size: int
     }
 
 
+def lattice_objects(image_size: int, grid: int, per_axis: int = 7) -> list[dict[str, Any]]:
+    """A single object of every (colour, shape, size) at up to `per_axis` x `per_axis` corners on the data's grid,
+    evenly spread over where it fits: the images a dVAE round trip is checked on (`experiments.evaluate`)."""
+    objects = []
+    for size in SIZES:
+        side = size_px(size, image_size)
+        corners = np.arange(0, image_size - side + 1, grid)
+        corners = corners[np.unique(np.linspace(0, len(corners) - 1, min(per_axis, len(corners))).round().astype(int))]
+        for color, shape in all_pairs():
+            objects += [_object(color, shape, size, int(x0), int(y0), image_size) for x0 in corners for y0 in corners]
+    return objects
+
+
 def corners_in_position(side: int, position: str, image_size: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-left corners (xs, ys) on the `grid` whose centre is in `position`, at least the margin from its borders."""
     corners = np.arange(0, image_size - side + 1, grid)

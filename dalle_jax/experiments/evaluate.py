@@ -13,8 +13,10 @@ from dalle_jax.config import Config
 
 def evaluate_cell(cell: Path, config: Config, dataset: str, seed: int, options: dict, progress: bool = True
                   ) -> dict[str, float]:
+    import jax.numpy as jnp
+
     from dalle_jax.demo.evaluate import SCORE_KEY, accuracy_table, prompt_sets, save_sample_grid
-    from dalle_jax.sampling.rerank import load_run, sample_and_rerank
+    from dalle_jax.sampling.rerank import decode_images, load_run, sample_and_rerank
     from dalle_jax.sampling.sampler import SampleConfig
 
     run = load_run(cell)
@@ -38,6 +40,8 @@ def evaluate_cell(cell: Path, config: Config, dataset: str, seed: int, options: 
             save_sample_grid(cell / "samples_heldout.png", prompts, kept, columns=min(8, num))
     for n in per_set[0]["best_of_n"]:
         metrics[f"caption/mean/best_of_{n}"] = float(np.mean([t["best_of_n"][n] for t in per_set]))
+    metrics.update(round_trip_accuracy(lambda images: decode_images(run, np.asarray(run.dvae.encode(
+        jnp.asarray(images, jnp.float32) / 255.0)).reshape(len(images), -1)), config))
     if options["frechet_images"]:  # 0: caption match only (rerank_n)
         metrics.update(frechet_metrics(run, dataset, seed, options["frechet_images"], options["blur_radii"],
                                        progress))
@@ -55,6 +59,26 @@ def attribute_rates(prompts: list[str], kept: list[list], keys: tuple[str, ...])
             for key in keys:
                 right[key].append(bool(verdict[key]))
     return {key: float(np.mean(values)) for key, values in right.items()}
+
+
+def round_trip_accuracy(codec, config: Config, batch: int = 256) -> dict[str, float]:
+    """How often `codec` (uint8 images -> uint8 images: the dVAE's encode then decode) keeps a single object's
+    colour and shape (`shapes.lattice_objects`), per size, for trained and for held-out pairs: the ceiling the dVAE
+    sets on what a prior can be seen to draw ("round_trip/small_heldout", ...)."""
+    from dalle_jax.data.scorer import score
+    from dalle_jax.data.shapes import lattice_objects, parse_holdout, render_objects, with_article
+
+    holdout = set(parse_holdout(config.data.holdout))
+    objects = lattice_objects(config.data.image_size, config.data.grid)
+    right: dict[str, list[bool]] = {}
+    for start in range(0, len(objects), batch):
+        chunk = objects[start:start + batch]
+        images = np.stack([render_objects([o], config.data.image_size) for o in chunk])
+        for obj, image in zip(chunk, codec(images), strict=True):
+            pair = (obj["color"], obj["shape"])
+            group = f"round_trip/{obj['size']}_{'heldout' if pair in holdout else 'trained'}"
+            right.setdefault(group, []).append(bool(score(image, with_article(" ".join(pair)))["color_shape"]))
+    return {group: float(np.mean(values)) for group, values in sorted(right.items())}
 
 
 def frechet_metrics(run, dataset: str, seed: int, count: int, radii: tuple, progress: bool) -> dict[str, float]:

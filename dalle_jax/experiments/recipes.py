@@ -68,10 +68,12 @@ COMPOSITION_METRICS = tuple(f"caption/{category}/best_of_{n}" for category in ("
                                                                                  "position", "relations")
                             for n in (1, 16)) + ("prior/eval/image_loss", "prior/eval/image_loss_heldout")
 # Per concept, per sample (Okawa et al.: a pair is right about as often as the product of its concepts): which
-# concept a held-out pair fails on, and whether the dVAE's reconstructions could show it at all.
+# concept a held-out pair fails on; and whether the dVAE's reconstructions could show it at all (validation images,
+# and every single object on the lattice by size and by trained / held-out pair).
 COMPOSITION_METRICS += ("caption/in_distribution/color_per_sample", "caption/in_distribution/shape_per_sample",
                         "caption/heldout/color_per_sample", "caption/heldout/shape_per_sample",
-                        "dvae/eval/recon_color_shape_acc")
+                        "dvae/eval/recon_color_shape_acc", "round_trip/small_trained", "round_trip/small_heldout",
+                        "round_trip/large_trained", "round_trip/large_heldout")
 
 
 def composition(**fields):
