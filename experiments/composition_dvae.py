@@ -6,11 +6,11 @@ colour and shape of small single objects (8 px, 2x2 tokens) in 40% of round trip
 after 2000 (held-out pairs: 11% and 50%; large objects 92% and 100%), so the prior cannot show most small objects,
 nor relations, whose objects are often small.
 
-The demo preset of 2026-12-07 (dVAE 1000 updates) against a dVAE of 2000 updates with the demo's recipe
-stretched over the run (tau annealed over the whole run, code revival until 80%, lr decay to the end); the prior
-(1200 updates) and CLIP as in the demo. Seed k trains the whole pipeline on holdout set k (recipes.HOLDOUT_SETS); caption match by the
-exact shapes scorer on 32 prompts per category, 16 samples each; round_trip/* is the dVAE alone on every single
-object of the lattice.
+The demo preset of 2026-12-07 (dVAE 1000 updates) against a dVAE of 2000 updates with the demo's recipe stretched
+over the run (tau annealed over the whole run, code revival until 80%, lr decay to the end); the prior (1200
+updates) and CLIP as in the demo. Seed k trains the whole pipeline on holdout set k (recipes.HOLDOUT_SETS); caption
+match by the exact shapes scorer on 32 prompts per category, 16 samples each; round_trip/* is the dVAE alone on
+every single object of the lattice.
 """
 
 from dalle_jax.experiments import Claim
