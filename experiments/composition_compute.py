@@ -5,21 +5,23 @@ later; held-out combinations need more optimisation steps, and accuracy on them 
 per-concept accuracies. Here: does the demo prior draw held-out colour/shape pairs and two-object relations once it
 trains longer?
 
-The demo preset with its prior trained for 600, 1200 (the demo), 2400 and 4800 updates (warm-up and cosine decay
-scaled with the run; batch 16). Training compute is 6 N D: N = 3.7 M prior parameters, D = 16 x 88 tokens a step,
-so 1.9e13, 3.8e13, 7.5e13 and 1.5e14 FLOPs. Seed k trains the whole pipeline on holdout set k
-(dalle_jax.experiments.recipes.HOLDOUT_SETS: set 0 is the demo's default, sets 1 and 2 were fixed before tuning),
-so intervals cover the choice of held-out pairs. Caption match by the exact shapes scorer (key "all") on 32 prompts
-per category, 16 samples each: best_of_1 is the prior alone, best_of_16 the CLIP-best of 16.
+The demo preset (with its dVAE of 2026-12-07: 1000 updates) and its prior trained for 600, 1200 (the demo), 2400 and
+4800 updates (warm-up and cosine decay scaled with the run; batch 16). Training compute is 6 N D: N = 3.7 M prior
+parameters, D = 16 x 88 tokens a step, so 1.9e13, 3.8e13, 7.5e13 and 1.5e14 FLOPs. Seed k trains the whole pipeline
+on holdout set k (dalle_jax.experiments.recipes.HOLDOUT_SETS: set 0 is the demo's default, sets 1 and 2 were fixed
+before tuning), so intervals cover the choice of held-out pairs. Caption match by the exact shapes scorer (key
+"all") on 32 prompts per category, 16 samples each: best_of_1 is the prior alone, best_of_16 the CLIP-best of 16.
 """
 
 from dalle_jax.experiments import Claim
-from dalle_jax.experiments.recipes import composition
+from dalle_jax.experiments.recipes import composition, demo_dvae_steps
 
 
 def _steps(steps: int) -> list[str]:
+    """The prior at `steps` updates on the demo's dVAE of 2026-12-07 (1000 updates; the demo has 2000 since
+    composition_dvae): pinned so the cells measured with it stay this experiment's."""
     every = max(1, steps // 3)
-    return [f"prior_train.steps={steps}", f"prior_train.warmup_steps={steps // 10}",
+    return [*demo_dvae_steps(1000), f"prior_train.steps={steps}", f"prior_train.warmup_steps={steps // 10}",
             f"prior_train.eval_every={every}", f"prior_train.save_every={every}"]
 
 

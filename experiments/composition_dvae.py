@@ -14,19 +14,11 @@ every single object of the lattice.
 """
 
 from dalle_jax.experiments import Claim
-from dalle_jax.experiments.recipes import composition
-
-
-def _dvae_steps(steps: int) -> list[str]:
-    """The demo's dVAE recipe over `steps` updates (tau and lr over the whole run; KL warm-up at the paper's
-    fraction, unused at beta 0), spelled out so the variants stay put if the demo preset changes."""
-    return [f"dvae_train.steps={steps}", f"dvae_train.kl_warmup_steps={max(1, round(steps * 5000 / 1_200_000))}",
-            f"dvae_train.temperature_steps={steps}", f"dvae_train.lr_decay_steps={steps}"]
-
+from dalle_jax.experiments.recipes import composition, demo_dvae_steps
 
 EXPERIMENT = composition(
     name="composition_dvae",
-    variants={"dvae_1000": _dvae_steps(1000), "dvae_2000": _dvae_steps(2000)},
+    variants={"dvae_1000": demo_dvae_steps(1000), "dvae_2000": demo_dvae_steps(2000)},
     claims=(
         Claim("a dVAE trained 2x longer keeps small objects through a round trip more often",
               a=("dvae_2000", "round_trip/small_trained"), b=("dvae_1000", "round_trip/small_trained"),

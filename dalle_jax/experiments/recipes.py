@@ -51,6 +51,13 @@ PRIOR_TPU = ["data.image_size=64", "data.num_train=100000", "prior.d_model=512",
 PRIOR_SCALES = {"cpu": PRIOR_CPU, "tpu": PRIOR_TPU, "quick": []}
 
 
+def demo_dvae_steps(steps: int) -> list[str]:
+    """The demo's dVAE recipe over `steps` updates (tau and lr over the whole run; KL warm-up at the paper's
+    fraction, unused at beta 0), spelled out so an experiment stays put when the demo preset changes length."""
+    return [f"dvae_train.steps={steps}", f"dvae_train.kl_warmup_steps={max(1, round(steps * 5000 / 1_200_000))}",
+            f"dvae_train.temperature_steps={steps}", f"dvae_train.lr_decay_steps={steps}"]
+
+
 # Composition (held-out colour/shape pairs, relations): three holdout sets, fixed before any tuning, each holding
 # every colour and every shape out at most once. Seed k trains and tests on set k, so an interval over seeds also
 # covers the choice of held-out pairs. Set 0 is the demo's default.

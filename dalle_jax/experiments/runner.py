@@ -80,6 +80,7 @@ class Runner:
     seeds: tuple[int, ...] | None = None
     progress: bool = True
     shared_root: Path | None = None  # where shared stages live (default OUT/shared)
+    commit: str | None = None  # the source commit cells record (taken when run() starts)
 
     @property
     def evaluation(self) -> dict:
@@ -96,6 +97,8 @@ class Runner:
     def run(self) -> list[dict]:
         """Every cell (skipping finished ones); returns their results."""
         from tqdm.auto import tqdm
+
+        self.commit = _commit()  # the code this process runs (HEAD may move while a long sweep goes on)
 
         self.out.mkdir(parents=True, exist_ok=True)
         cells = self.experiment.cells(self.seeds)
@@ -182,7 +185,7 @@ class Runner:
                   "overrides": self.experiment.variants[variant],
                   "sampling": self.experiment.sampling.get(variant, {}), "metrics": metrics, "diverged": diverged,
                   "wall_s": time.perf_counter() - start, "finished": time.strftime("%Y-%m-%d"),
-                  "commit": _commit(), "config": config_lib.to_dict(config)}
+                  "commit": self.commit or _commit(), "config": config_lib.to_dict(config)}
         _write_json(cell / RESULT, result)
         log.info("%s: cell %s/seed%d done in %.0f s", self.experiment.name, variant, seed, result["wall_s"])
         return result
