@@ -44,6 +44,9 @@ class DataConfig:
     # shapes: fraction of the (colour, shape, size, position) combinations single-object train images cover
     # (ShapesSpec.train_coverage; a composition lever, 1 = all)
     train_coverage: float = 1.0
+    # shapes: fraction of single-object train captions that name one concept, the shape ("a triangle") or the
+    # colour ("a red object"), half each (ShapesSpec.one_concept_captions; a composition lever, 0 = none)
+    one_concept_captions: float = 0.0
     read_threads: int = 2
     prefetch: int = 2
 
@@ -57,6 +60,9 @@ class DataConfig:
                               "(1 = objects at any pixel; the dVAE's downsampling puts them on the token grid)")
         if not 0.0 < self.train_coverage <= 1.0:
             raise ConfigError(f"data.train_coverage={self.train_coverage} must be in (0, 1] (1 = every combination)")
+        if not 0.0 <= self.one_concept_captions <= 1.0:
+            raise ConfigError(f"data.one_concept_captions={self.one_concept_captions} must be in [0, 1] (0 = every "
+                              "caption names colour and shape)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,6 +87,29 @@ def test_experiments_share_one_stage_cache_per_scale_unless_out_is_given():
     assert given.shared_root is None and given.out == Path("elsewhere")  # self-contained: elsewhere/shared
 
 
+def test_stage_keys_follow_their_inputs_and_ignore_a_field_added_at_its_default():
+    import dataclasses
+
+    from dalle_jax.experiments.runner import stage_key
+
+    config = config_lib.resolve("demo", [])
+    keys = {stage: stage_key(config, stage) for stage in ("data", "tokenizer", "dvae", "prior", "clip")}
+    longer = config_lib.apply_overrides(config, ["dvae_train.steps=3000"])
+    assert stage_key(longer, "dvae") != keys["dvae"] and stage_key(longer, "prior") != keys["prior"]
+    assert stage_key(longer, "clip") == keys["clip"] and stage_key(longer, "data") == keys["data"]
+    moved = config_lib.apply_overrides(config, ["data.data_dir=/elsewhere"])
+    assert all(stage_key(moved, stage) == key for stage, key in keys.items())
+
+    @dataclasses.dataclass(frozen=True)
+    class DataWithALaterField(config_lib.DataConfig):
+        added_later: float = 0.0
+
+    later = dataclasses.replace(config, data=DataWithALaterField(**dataclasses.asdict(config.data)))
+    assert all(stage_key(later, stage) == key for stage, key in keys.items())
+    set_away = dataclasses.replace(later, data=dataclasses.replace(later.data, added_later=0.5))
+    assert stage_key(set_away, "dvae") != keys["dvae"]
+
+
 def test_seed_overrides_and_sampling_name_only_what_exists():
     fields = dict(name="t", base="demo", variants={"a": []}, stages=("dvae",), metrics=("dvae/x",),
                   claims=(), scales={"cpu": [], "quick": []})
@@ -312,10 +335,14 @@ def test_published_cells_with_this_runs_config_are_adopted_and_changed_ones_run_
     published = json.loads((out / "results.json").read_text())
     changed = published["cells"][1]
     changed["config"]["prior_train"]["text_loss_weight"] = 0.3  # as if the experiment changed since publishing
+    del published["cells"][0]["config"]["data"]["train_coverage"]  # as if the field (at its default) came later
+    del published["cells"][2]["config"]["data"]["grid"]  # ... but this run sets it away from its default (1)
     (tmp_path / "sweep.json").write_text(json.dumps(published))
     runner = Runner(experiment, "quick", tmp_path / "out", progress=False)
     adopted = runner.adopt(tmp_path / "sweep.json")
-    assert (changed["variant"], changed["seed"]) not in adopted and len(adopted) == 3
+    key = lambda cell: (cell["variant"], cell["seed"])  # noqa: E731
+    assert key(changed) not in adopted and key(published["cells"][2]) not in adopted
+    assert key(published["cells"][0]) in adopted and len(adopted) == 2
     for variant, seed in adopted:
         result = runner.result(variant, seed)
         original = next(c for c in published["cells"] if (c["variant"], c["seed"]) == (variant, seed))

@@ -19,6 +19,7 @@ from dalle_jax.data.shapes import (
     SHAPES,
     ShapesSpec,
     build_shapes,
+    caption_for,
     parse_holdout,
     render_example,
     render_objects,
@@ -210,6 +211,37 @@ def test_train_coverage_narrows_train_combinations_and_leaves_the_default_untouc
     assert single > 50
     with pytest.raises(ValueError, match="train_coverage"):
         ShapesSpec(train_coverage=0.0)
+
+
+def test_one_concept_captions_name_the_shape_or_the_colour_and_change_nothing_else():
+    assert "one_concept_captions" not in json.loads(ShapesSpec().to_json())  # the default dataset keeps its name
+    seed = int(np.random.default_rng().integers(1000))
+    full, half = ShapesSpec(image_size=32, seed=seed), ShapesSpec(image_size=32, seed=seed, one_concept_captions=0.5)
+    assert half.config_name() != full.config_name()
+    kinds = {"both": 0, "shape": 0, "color": 0}
+    for index in range(300):
+        a, b = render_example(full, "train", index), render_example(half, "train", index)
+        assert np.array_equal(a["image"], b["image"]) and a["objects"] == b["objects"]  # only captions change
+        if a["template"] == "relation":
+            assert b["caption"] == a["caption"]
+            continue
+        named = {k: caption_for(a["template"], a["objects"], None, k) for k in kinds}
+        assert named["both"] == a["caption"] and b["caption"] in named.values()
+        kinds[next(k for k, v in named.items() if v == b["caption"])] += 1
+        for split in ("validation", "test"):
+            assert render_example(half, split, index)["caption"] == render_example(full, split, index)["caption"]
+    single = sum(kinds.values())
+    assert single > 150
+    # half of the single-object captions name one concept, half of those the shape (binomial, ~4-5 sigma bounds)
+    assert abs(kinds["both"] - single / 2) < 0.15 * single
+    assert abs(kinds["shape"] - kinds["color"]) < 0.2 * single
+    with pytest.raises(ValueError, match="one_concept_captions"):
+        ShapesSpec(one_concept_captions=1.5)
+    orange = {"color": "orange", "shape": "triangle", "size": "small", "position": "top left"}
+    assert caption_for("size_position", [orange], concepts="shape") == "a small triangle in the top left"
+    assert caption_for("size_position", [orange], concepts="color") == "a small orange object in the top left"
+    assert caption_for("color_shape", [orange], concepts="shape") == "a triangle"
+    assert caption_for("color_shape", [orange]) == "an orange triangle"
 
 
 def test_template_weights_choose_the_template():

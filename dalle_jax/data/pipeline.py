@@ -142,4 +142,5 @@ def shapes_spec(data_config: Any) -> Any:
     return shapes.ShapesSpec(image_size=data_config.image_size, num_train=data_config.num_train,
                              num_validation=data_config.num_validation, num_test=data_config.num_test,
                              holdout=shapes.parse_holdout(data_config.holdout), seed=data_config.seed,
-                             grid=data_config.grid, train_coverage=data_config.train_coverage)
+                             grid=data_config.grid, train_coverage=data_config.train_coverage,
+                             one_concept_captions=data_config.one_concept_captions)

@@ -88,6 +88,12 @@ class ShapesSpec:
     # images covers fewer distinct combinations (a composition lever, Okawa et al. 2023). Relation images and the
     # validation and test splits are unaffected. 1 = every combination.
     train_coverage: float = 1.0
+    # Fraction of single-object train captions that name one concept: only the shape ("a small triangle in the top
+    # left") or only the colour ("a small red object in the top left"), half each, drawn from a stream of their own
+    # (images and every other draw unchanged). In full captions colour and shape always come together, so a prior
+    # can learn each trained pair as one unit; a caption naming one concept makes that word act on its own (issue
+    # 17: held-out pairs fail on the shape). 0 = every caption names both.
+    one_concept_captions: float = 0.0
 
     def __post_init__(self) -> None:
         if self.image_size < MIN_IMAGE_SIZE:
@@ -112,6 +118,8 @@ class ShapesSpec:
             raise ValueError(f"grid={self.grid} must be in [1, image_size / 4 = {self.image_size // 4}]")
         if not 0.0 < self.train_coverage <= 1.0:
             raise ValueError(f"train_coverage={self.train_coverage} must be in (0, 1]")
+        if not 0.0 <= self.one_concept_captions <= 1.0:
+            raise ValueError(f"one_concept_captions={self.one_concept_captions} must be in [0, 1]")
         self._check_grid_leaves_room()
 
     def _check_grid_leaves_room(self) -> None:
@@ -128,7 +136,7 @@ class ShapesSpec:
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
-        for name, default in (("grid", 1), ("train_coverage", 1.0)):
+        for name, default in (("grid", 1), ("train_coverage", 1.0), ("one_concept_captions", 0.0)):
             if fields[name] == default:  # datasets built before the field existed keep their names
                 del fields[name]
         return json.dumps(fields, sort_keys=True)
@@ -337,10 +345,15 @@ def with_article(phrase: str) -> str:
     return f"{'an' if phrase[:1] in 'aeiou' else 'a'} {phrase}"
 
 
-def caption_for(template: str, objects: Sequence[dict[str, Any]], relation: str | None = None) -> str:
-    """The caption of `template` for the objects (dicts with color, shape, size, position)."""
+def caption_for(template: str, objects: Sequence[dict[str, Any]], relation: str | None = None,
+                concepts: str = "both") -> str:
+    """The caption of `template` for the objects (dicts with color, shape, size, position); a single object's
+    caption names its colour and shape (`concepts` "both"), only its shape ("shape") or only its colour ("color")."""
     first = objects[0]
-    color_shape = f"{first['color']} {first['shape']}"
+    color_shape = {"both": f"{first['color']} {first['shape']}", "shape": first["shape"],
+                   "color": f"{first['color']} object"}[concepts]
+    if concepts != "both" and template == "relation":
+        raise ValueError("a relation caption names both concepts of each object")
     if template == "color_shape":
         return with_article(color_shape)
     if template == "size":
@@ -400,9 +413,14 @@ def render_example(spec: ShapesSpec, split: str, index: int) -> dict[str, Any]:
         corner = sample_corner_in_position(rng, size_px(obj_size, size), position, size, spec.grid)
         objects = [_object(*first_pair, obj_size, *corner, size)]
 
+    concepts = "both"
+    if split == "train" and template != "relation" and spec.one_concept_captions > 0:
+        side = np.random.default_rng([spec.seed, SPLITS.index(split), index, 104729])  # leaves `rng` untouched
+        if side.random() < spec.one_concept_captions:
+            concepts = "shape" if side.random() < 0.5 else "color"
     return {
         "image": render_objects(objects, size),
-        "caption": caption_for(template, objects, relation),
+        "caption": caption_for(template, objects, relation, concepts),
         "objects": objects,
         "template": template,
         "relation": relation,

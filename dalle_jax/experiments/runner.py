@@ -58,12 +58,15 @@ _INPUTS = {
 
 
 def stage_key(config: Config, stage: str) -> str:
-    """`<stage>-<12 hex>`: the hash of the sections that produce `stage` (data_dir excluded: set by the runner)."""
+    """`<stage>-<12 hex>`: the hash of what the sections that produce `stage` set away from their defaults (data_dir
+    excluded: set by the runner), so a field added to the code later, left at its default, keeps every key."""
     sections = {}
     for name in _INPUTS[stage]:
-        section = dataclasses.asdict(getattr(config, name))
-        section.pop("data_dir", None)
-        sections[name] = section
+        section = getattr(config, name)
+        defaults = dataclasses.asdict(type(section)())
+        values = dataclasses.asdict(section)
+        values.pop("data_dir", None)
+        sections[name] = {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}
     digest = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{stage}-{digest}"
 
@@ -138,7 +141,7 @@ class Runner:
             if key not in wanted or cell["scale"] != self.scale or self.cell_done(*key):
                 continue
             config = config_lib.to_dict(self.experiment.config(*key, self.scale))
-            if (_comparable(cell["config"]) != _comparable(config)
+            if (not _same_config(cell["config"], config)
                     or cell.get("sampling", {}) != self.experiment.sampling.get(key[0], {})):
                 log.warning("%s: published cell %s/seed%d ran another config; it runs again", self.experiment.name,
                             *key)
@@ -254,6 +257,19 @@ def _comparable(config: dict) -> dict:
     config = json.loads(json.dumps(config, default=str))
     config["data"].pop("data_dir", None)
     return config
+
+
+def _same_config(published: dict, current: dict) -> bool:
+    """Equal configs, the dataset's location aside. A field the published config lacks (added to the code since it
+    ran) counts as equal when this run leaves it at its default: the published cell ran without it, i.e. as if so."""
+    published, current = _comparable(published), _comparable(current)
+    defaults = _comparable(config_lib.to_dict(Config()))
+    for section, fields in current.items():
+        if isinstance(fields, dict) and isinstance(published.get(section), dict):
+            for key in set(fields) - set(published[section]):
+                if key in defaults.get(section, {}) and fields[key] == defaults[section][key]:
+                    del fields[key]
+    return published == current
 
 
 def _commit() -> str | None:
