@@ -192,7 +192,7 @@ def evaluate_own_data(run: Any, dataset_dir: str, out: Path, *, count: int, num_
     from dalle_jax.data.pipeline import caption_text, open_split
     from dalle_jax.experiments.metrics import frechet_distance
     from dalle_jax.images import save_grid
-    from dalle_jax.sampling.rerank import clip_scores, decode_images, encode_prompts, sample_and_rerank
+    from dalle_jax.sampling.rerank import clip_scores, encode_prompts, reconstruct_images, sample_and_rerank
 
     split = open_split(dataset_dir, "validation")
     examples = sorted((split[i] for i in range(min(count, len(split)))), key=lambda e: int(e["id"]))
@@ -204,9 +204,7 @@ def evaluate_own_data(run: Any, dataset_dir: str, out: Path, *, count: int, num_
     ids = encode_prompts(run.clip_tokenizer, captions)
     real_scores = np.array([clip_scores(run, real[i:i + 1], ids[i:i + 1])[0] for i in range(len(captions))])
     sample_scores = np.array([k[0].clip_score for k in kept])
-    tokens = np.concatenate([np.asarray(run.dvae.encode(jnp.asarray(real[i:i + 64], jnp.float32) / 255.0))
-                             for i in range(0, len(real), 64)])
-    reconstructed = decode_images(run, tokens.reshape(len(real), -1))
+    reconstructed = reconstruct_images(run, real)
 
     def embed(images: np.ndarray) -> np.ndarray:
         return np.concatenate([np.asarray(run.clip.encode_image(jnp.asarray(images[i:i + 64])))

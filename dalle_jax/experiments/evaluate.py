@@ -13,10 +13,8 @@ from dalle_jax.config import Config
 
 def evaluate_cell(cell: Path, config: Config, dataset: str, seed: int, options: dict, progress: bool = True
                   ) -> dict[str, float]:
-    import jax.numpy as jnp
-
     from dalle_jax.demo.evaluate import SCORE_KEY, accuracy_table, prompt_sets, save_sample_grid
-    from dalle_jax.sampling.rerank import decode_images, load_run, sample_and_rerank
+    from dalle_jax.sampling.rerank import load_run, reconstruct_images, sample_and_rerank
     from dalle_jax.sampling.sampler import SampleConfig
 
     run = load_run(cell)
@@ -40,8 +38,7 @@ def evaluate_cell(cell: Path, config: Config, dataset: str, seed: int, options: 
             save_sample_grid(cell / "samples_heldout.png", prompts, kept, columns=min(8, num))
     for n in per_set[0]["best_of_n"]:
         metrics[f"caption/mean/best_of_{n}"] = float(np.mean([t["best_of_n"][n] for t in per_set]))
-    metrics.update(round_trip_accuracy(lambda images: decode_images(run, np.asarray(run.dvae.encode(
-        jnp.asarray(images, jnp.float32) / 255.0)).reshape(len(images), -1)), config))
+    metrics.update(round_trip_accuracy(lambda images: reconstruct_images(run, images), config))
     if options["frechet_images"]:  # 0: caption match only (rerank_n)
         metrics.update(frechet_metrics(run, dataset, seed, options["frechet_images"], options["blur_radii"],
                                        progress))
@@ -88,7 +85,7 @@ def frechet_metrics(run, dataset: str, seed: int, count: int, radii: tuple, prog
 
     from dalle_jax.data.pipeline import caption_text, open_split
     from dalle_jax.experiments.metrics import blur, frechet_distance
-    from dalle_jax.sampling.rerank import decode_images, sample_and_rerank
+    from dalle_jax.sampling.rerank import reconstruct_images, sample_and_rerank
 
     split = open_split(dataset, "validation")
     count = min(count, len(split))
@@ -97,9 +94,7 @@ def frechet_metrics(run, dataset: str, seed: int, count: int, radii: tuple, prog
     captions = [caption_text(e["caption"]) for e in examples]
     generated = np.stack([k[0].image for k in sample_and_rerank(run, captions, num_samples=1, top=1, seed=seed + 1,
                                                                  batch_size=64, progress=progress)])
-    tokens = np.concatenate([np.asarray(run.dvae.encode(jnp.asarray(real[i:i + 64], jnp.float32) / 255.0))
-                             for i in range(0, count, 64)])
-    reconstructed = decode_images(run, tokens.reshape(count, -1))
+    reconstructed = reconstruct_images(run, real)
 
     def embed(images: np.ndarray) -> np.ndarray:
         return np.concatenate([np.asarray(run.clip.encode_image(jnp.asarray(images[i:i + 64])))

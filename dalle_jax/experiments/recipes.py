@@ -52,10 +52,10 @@ PRIOR_SCALES = {"cpu": PRIOR_CPU, "tpu": PRIOR_TPU, "quick": []}
 
 
 def demo_dvae_steps(steps: int) -> list[str]:
-    """The demo's dVAE recipe over `steps` updates (tau and lr over the whole run; KL warm-up at the paper's
-    fraction, unused at beta 0), spelled out so an experiment stays put when the demo preset changes length."""
-    return [f"dvae_train.steps={steps}", f"dvae_train.kl_warmup_steps={max(1, round(steps * 5000 / 1_200_000))}",
-            f"dvae_train.temperature_steps={steps}", f"dvae_train.lr_decay_steps={steps}"]
+    """The demo's dVAE recipe over `steps` updates: `dvae_steps` with tau annealed over the whole run (KL warm-up
+    at the paper's fraction, unused at beta 0), spelled out so an experiment stays put when the demo changes length."""
+    tau = "dvae_train.temperature_steps="
+    return [f"{tau}{steps}" if s.startswith(tau) else s for s in dvae_steps(steps)]
 
 
 # Composition (held-out colour/shape pairs, relations): three holdout sets, fixed before any tuning, each holding

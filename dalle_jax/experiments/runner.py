@@ -60,13 +60,8 @@ _INPUTS = {
 def stage_key(config: Config, stage: str) -> str:
     """`<stage>-<12 hex>`: the hash of what the sections that produce `stage` set away from their defaults (data_dir
     excluded: set by the runner), so a field added to the code later, left at its default, keeps every key."""
-    sections = {}
-    for name in _INPUTS[stage]:
-        section = getattr(config, name)
-        defaults = dataclasses.asdict(type(section)())
-        values = dataclasses.asdict(section)
-        values.pop("data_dir", None)
-        sections[name] = {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}
+    set_fields = _set_fields(config_lib.to_dict(config), config)
+    sections = {name: set_fields[name] for name in _INPUTS[stage]}
     digest = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{stage}-{digest}"
 
@@ -140,8 +135,7 @@ class Runner:
             key = (cell["variant"], cell["seed"])
             if key not in wanted or cell["scale"] != self.scale or self.cell_done(*key):
                 continue
-            config = config_lib.to_dict(self.experiment.config(*key, self.scale))
-            if (not _same_config(cell["config"], config)
+            if (not _same_config(cell["config"], self.experiment.config(*key, self.scale))
                     or cell.get("sampling", {}) != self.experiment.sampling.get(key[0], {})):
                 log.warning("%s: published cell %s/seed%d ran another config; it runs again", self.experiment.name,
                             *key)
@@ -252,24 +246,26 @@ class Runner:
         return {"metrics": _metrics(summary), "preempted": summary["preempted"]}
 
 
-def _comparable(config: dict) -> dict:
-    """A config as JSON stores it (tuples as lists), without the dataset's location (the runner sets it)."""
-    config = json.loads(json.dumps(config, default=str))
-    config["data"].pop("data_dir", None)
-    return config
+def _set_fields(values: dict, config: Config) -> dict:
+    """`values` (a config as `to_dict` gives it, or as a results.json stored it) reduced to what each section sets
+    away from the defaults of `config`'s section types, in JSON form, without the dataset's location (the runner sets
+    it). Two configs that train alike reduce alike, also when one was recorded before a field (at its default)
+    existed."""
+    values = json.loads(json.dumps(values, default=str))
+    values["data"].pop("data_dir", None)
+    reduced = {}
+    for name, section in values.items():
+        if isinstance(section, dict) and dataclasses.is_dataclass(getattr(config, name, None)):
+            defaults = json.loads(json.dumps(dataclasses.asdict(type(getattr(config, name))()), default=str))
+            section = {k: v for k, v in section.items() if k not in defaults or v != defaults[k]}
+        reduced[name] = section
+    return reduced
 
 
-def _same_config(published: dict, current: dict) -> bool:
-    """Equal configs, the dataset's location aside. A field the published config lacks (added to the code since it
+def _same_config(published: dict, current: Config) -> bool:
+    """Equal configs, the dataset's location aside; a field the published config lacks (added to the code since it
     ran) counts as equal when this run leaves it at its default: the published cell ran without it, i.e. as if so."""
-    published, current = _comparable(published), _comparable(current)
-    defaults = _comparable(config_lib.to_dict(Config()))
-    for section, fields in current.items():
-        if isinstance(fields, dict) and isinstance(published.get(section), dict):
-            for key in set(fields) - set(published[section]):
-                if key in defaults.get(section, {}) and fields[key] == defaults[section][key]:
-                    del fields[key]
-    return published == current
+    return _set_fields(published, current) == _set_fields(config_lib.to_dict(current), current)
 
 
 def _commit() -> str | None:

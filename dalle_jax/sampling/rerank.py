@@ -178,6 +178,14 @@ def decode_images(run: LoadedRun, tokens: np.ndarray) -> np.ndarray:
     return np.asarray(_decode(run.dvae, jnp.asarray(grid)))
 
 
+def reconstruct_images(run: LoadedRun, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """(B, H, W, 3) uint8 images -> their round trip through the dVAE (argmax tokens, decoded), uint8, encoded
+    `batch` at a time."""
+    tokens = np.concatenate([np.asarray(run.dvae.encode(jnp.asarray(images[i:i + batch], jnp.float32) / 255.0))
+                             for i in range(0, len(images), batch)])
+    return decode_images(run, tokens.reshape(len(images), -1))
+
+
 def clip_scores(run: LoadedRun, images: np.ndarray, prompt_ids: np.ndarray) -> np.ndarray:
     """CLIP cosine similarity of each image with the prompt (its CLIP token ids, (1, T)), (B,)."""
     ids = np.broadcast_to(prompt_ids, (len(images), prompt_ids.shape[-1]))
