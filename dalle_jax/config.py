@@ -270,6 +270,12 @@ class ClipTrainConfig(TrainConfig):
     # Tokenise training captions with the tokenizer's BPE-dropout, as the prior trainer does. (CLIP had none;
     # the reranker scores deterministic tokenisations, and on the demo it cost ~5 points of retrieval.)
     bpe_dropout: bool = True
+    # Deviation option (CLIP: none; NegCLIP, Yuksekgonul et al. 2023): each training caption also brings a copy
+    # with one concept swapped ("a blue square" -> "a blue circle" / "a red square"), which its image must rank
+    # below its own caption. Random in-batch negatives rarely differ from a caption in one word, so a reranker
+    # can rank by colour alone and then cannot tell a blue circle from the blue squares the prior draws for it.
+    # Shapes captions only (data.scorer.swap_one_concept); swaps never name a held-out pair.
+    hard_negatives: bool = False
     retrieval_batch: int = 32  # eval: candidates per retrieval query (chance = 1 / this)
     eval_batches: int = 0  # retrieval batches per evaluation (0 = every full batch of the split)
 
@@ -306,6 +312,9 @@ class Config:
         clip_derived = dict(image_size=self.data.image_size, text_vocab_size=self.text.vocab_size,
                             text_len=self.text.text_len, pad_mode=self.text.pad_mode)
         object.__setattr__(self, "clip", dataclasses.replace(self.clip, **clip_derived))
+        if self.clip_train.hard_negatives and self.data.dataset != "shapes":
+            raise ConfigError(f"clip_train.hard_negatives swaps a concept of captioned-shapes captions; "
+                              f"data.dataset='{self.data.dataset}' has free-form captions: drop the option")
 
 
 # --------------------------------------------------------------------------------------------------

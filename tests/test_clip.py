@@ -183,7 +183,7 @@ def test_train_clip_evaluates_resumes_and_loads(shapes_data, tmp_path):
     evals = [r for r in rows if "eval/retrieval_top1" in r]
     assert [r["step"] for r in evals] == [50, 100]  # the quick preset evaluates every 50 steps
     for key in ("eval/retrieval_top1_in_distribution", "eval/retrieval_top1_heldout", "eval/image_to_text_top1",
-                "eval/loss"):
+                "eval/loss", "eval/swap_top1", "eval/swap_top1_heldout"):
         assert key in evals[-1]
     assert evals[-1]["eval/retrieval_batch"] == 16 and evals[-1]["eval/retrieval_queries"] == 64
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -217,3 +217,23 @@ def test_train_clip_evaluates_resumes_and_loads(shapes_data, tmp_path):
     matched = np.sum(image_emb * text_emb, 1)  # pair_similarity() of the pairs (a cosine: see the test above)
     mismatched = np.sum(image_emb * np.roll(text_emb, 1, axis=0), 1)
     assert matched.mean() > mismatched.mean() + 0.1  # a caption scores its own image higher than another's
+
+
+def test_train_clip_with_hard_negatives_ranks_them_for_every_image(shapes_data, tmp_path):
+    """clip_train.hard_negatives: each image also ranks its caption's one-concept swap, so at initialisation
+    (every swap embeds next to its caption) image -> text is ~log 2 harder than text -> image, which is
+    unchanged; without the option neither direction has the extra candidates."""
+    env = {**ENV, "JAX_COMPILATION_CACHE_DIR": str(shapes_data / "jax_cache")}
+    first = {}
+    for hard in (True, False):
+        run = tmp_path / f"run_{hard}"
+        command = [*_command(shapes_data, run, 2), "--set", f"clip_train.hard_negatives={str(hard).lower()}",
+                   "--set", "clip_train.log_every=1"]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(line) for line in (run / "clip" / "metrics.jsonl").read_text().splitlines()]
+        first[hard] = rows[0]
+        assert 0.0 <= rows[-1]["eval/swap_top1"] <= 1.0
+        assert ("hard_negative_acc" in rows[0]) == hard
+    gap = {hard: row["image_to_text_loss"] - row["text_to_image_loss"] for hard, row in first.items()}
+    assert gap[True] > gap[False] + 0.3, gap

@@ -18,6 +18,7 @@ import pytest
 from scipy import linalg, stats
 
 from dalle_jax import config as config_lib
+from dalle_jax.errors import InputError
 from dalle_jax.experiments import Claim, report, spec
 from dalle_jax.experiments.metrics import blur, frechet_distance, frechet_distance_from_stats
 from dalle_jax.experiments.runner import Runner
@@ -77,7 +78,7 @@ def test_experiments_share_one_stage_cache_per_scale_unless_out_is_given():
 
     from dalle_jax.commands.experiment import _setup
 
-    args = dict(name="dvae_kl_weight", scale="cpu", quick=False, seeds=None, quiet=True)
+    args = dict(name="dvae_kl_weight", scale="cpu", quick=False, seeds=None, variants=None, quiet=True)
     default, _ = _setup(argparse.Namespace(**args, out=None))
     assert default.out == Path("runs/experiments/dvae_kl_weight/cpu")
     assert default.shared_root == Path("runs/experiments/shared/cpu")
@@ -85,6 +86,21 @@ def test_experiments_share_one_stage_cache_per_scale_unless_out_is_given():
     assert other.shared_root == default.shared_root  # one demo dVAE for every experiment at this scale
     given, _ = _setup(argparse.Namespace(**args, out="elsewhere"))
     assert given.shared_root is None and given.out == Path("elsewhere")  # self-contained: elsewhere/shared
+
+
+def test_variants_select_a_subset_of_cells_and_an_unknown_one_is_named():
+    import argparse
+
+    from dalle_jax.commands.experiment import _setup
+
+    experiment = spec.load("composition_sampling")
+    args = dict(name="composition_sampling", scale="cpu", quick=False, seeds="0,2", quiet=True, out=None)
+    runner, command = _setup(argparse.Namespace(**args, variants="guidance_1,clip_negatives"))
+    assert experiment.cells(runner.seeds, runner.variants) == [("guidance_1", 0), ("guidance_1", 2),
+                                                               ("clip_negatives", 0), ("clip_negatives", 2)]
+    assert command.endswith("--seeds 0,2 --variants guidance_1,clip_negatives")
+    with pytest.raises(InputError, match="guidance_3 not among composition_sampling's variants"):
+        _setup(argparse.Namespace(**args, variants="guidance_1,guidance_3"))
 
 
 def test_stage_keys_follow_their_inputs_and_ignore_a_field_added_at_its_default():

@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                        "cells share in runs/experiments/shared/SCALE, common to all experiments; "
                                        "with --out they go to OUT/shared)")
         sub.add_argument("--seeds", help="comma-separated subset of the experiment's seeds (default: all)")
+        sub.add_argument("--variants", help="comma-separated subset of the experiment's variants (default: all)")
         sub.add_argument("--publish", action="store_true",
                          help="also copy the report to experiments/results/NAME.{md,json,png}")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -87,14 +88,23 @@ def _setup(args: argparse.Namespace):
         if unknown:
             raise InputError(f"--seeds {args.seeds}: {sorted(unknown)} not among {experiment.name}'s seeds "
                              f"{list(experiment.seeds)}")
+    variants = None
+    if args.variants:
+        variants = tuple(v.strip() for v in args.variants.split(","))
+        unknown = [v for v in variants if v not in experiment.variants]
+        if unknown:
+            raise InputError(f"--variants {args.variants}: {', '.join(unknown)} not among {experiment.name}'s "
+                             f"variants {', '.join(experiment.variants)}")
     root = Path("runs") / "experiments"
     out = Path(args.out or root / experiment.name / scale)
     # Without --out, every experiment of a scale shares one stage cache (the demo dVAE is trained once for all).
     shared = None if args.out else root / "shared" / scale
     experiment.config(next(iter(experiment.variants)), experiment.seeds[0], scale)  # unknown scale -> one line
-    command = f"dalle-jax experiment run {experiment.name} --scale {scale}" + (f" --seeds {args.seeds}"
-                                                                                  if args.seeds else "")
-    return Runner(experiment, scale, out, seeds, progress=not args.quiet, shared_root=shared), command
+    command = (f"dalle-jax experiment run {experiment.name} --scale {scale}"
+               + (f" --seeds {args.seeds}" if args.seeds else "")
+               + (f" --variants {args.variants}" if variants else ""))
+    return Runner(experiment, scale, out, seeds, progress=not args.quiet, shared_root=shared,
+                  variants=variants), command
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from dalle_jax.data.shapes import (
     RELATIONS,
     SHAPES,
     SIZES,
+    caption_for,
     classify_position,
     relation_between,
     shape_coverage,
@@ -80,6 +81,36 @@ def parse_caption(caption: str) -> dict[str, Any]:
             objects.append(obj)
         return {"template": template, "objects": objects, "relation": groups.get("relation")}
     raise ValueError(f"caption {caption!r} matches none of the captioned-shapes templates")
+
+
+def swap_one_concept(caption: str, rng: np.random.Generator,
+                     holdout: set[tuple[str, str]] | frozenset = frozenset()) -> str | None:
+    """A caption of the same template that differs from `caption` in exactly one stated concept: one object's
+    colour, shape, size or position, or the relation — a hard negative for the reranker (NegCLIP, Yuksekgonul et
+    al. 2023): in a batch of random pairs a caption rarely meets an image that differs from it in one word, so
+    a contrastive model can get by on colour alone. No swap names a pair of `holdout` (the reranker never sees
+    held-out pairs, not even as negatives). None when the caption fits no template (one-concept captions,
+    other datasets) or every swap would name a held-out pair."""
+    try:
+        parsed = parse_caption(caption)
+    except ValueError:
+        return None
+    objects, relation = parsed["objects"], parsed["relation"]
+    choices = {"color": COLORS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
+    slots = [(i, key) for i, obj in enumerate(objects) for key in choices if key in obj]
+    if relation is not None:
+        slots.append((None, "relation"))
+    for s in rng.permutation(len(slots)):
+        i, key = slots[s]
+        current = relation if i is None else objects[i][key]
+        values = [v for v in (RELATIONS if i is None else choices[key]) if v != current]
+        for v in rng.permutation(len(values)):
+            swapped = [dict(obj) for obj in objects]
+            if i is not None:
+                swapped[i][key] = values[v]
+            if not any((o["color"], o["shape"]) in holdout for o in swapped):
+                return caption_for(parsed["template"], swapped, values[v] if i is None else relation)
+    return None
 
 
 # ------------------------------------------------------------------------------------------- components

@@ -77,6 +77,7 @@ class Runner:
     out: Path
     seeds: tuple[int, ...] | None = None
     progress: bool = True
+    variants: tuple[str, ...] | None = None  # a subset of the experiment's variants (default: all)
     shared_root: Path | None = None  # where shared stages live (default OUT/shared)
     commit: str | None = None  # the source commit cells record (taken when run() starts)
 
@@ -99,7 +100,7 @@ class Runner:
         self.commit = _commit()  # the code this process runs (HEAD may move while a long sweep goes on)
 
         self.out.mkdir(parents=True, exist_ok=True)
-        cells = self.experiment.cells(self.seeds)
+        cells = self.experiment.cells(self.seeds, self.variants)
         todo = [c for c in cells if not self.cell_done(*c)]
         if len(todo) < len(cells):
             log.info("%s: %d of %d cells done before — skipped", self.experiment.name, len(cells) - len(todo),
@@ -115,7 +116,8 @@ class Runner:
 
     def finished(self) -> list[dict]:
         """The results of the cells finished so far (for a report on a sweep still running)."""
-        return [self.result(*cell) for cell in self.experiment.cells(self.seeds) if self.cell_done(*cell)]
+        cells = self.experiment.cells(self.seeds, self.variants)
+        return [self.result(*cell) for cell in cells if self.cell_done(*cell)]
 
     def result(self, variant: str, seed: int) -> dict:
         return json.loads((self.cell_dir(variant, seed) / RESULT).read_text())
@@ -130,7 +132,7 @@ class Runner:
             raise ValueError(f"{published} holds experiment {document.get('experiment')!r}, "
                              f"not {self.experiment.name!r}")
         adopted = []
-        wanted = set(self.experiment.cells(self.seeds))
+        wanted = set(self.experiment.cells(self.seeds, self.variants))
         for cell in document.get("cells", []):
             key = (cell["variant"], cell["seed"])
             if key not in wanted or cell["scale"] != self.scale or self.cell_done(*key):

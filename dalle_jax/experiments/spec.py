@@ -93,8 +93,10 @@ class Experiment:
                     raise ConfigError(f"experiment {self.name}: claim {claim.text!r} names metric {metric!r} "
                                       "that the experiment does not collect")
 
-    def cells(self, seeds: tuple[int, ...] | None = None) -> list[tuple[str, int]]:
-        return [(variant, seed) for variant in self.variants for seed in (seeds or self.seeds)]
+    def cells(self, seeds: tuple[int, ...] | None = None,
+              variants: tuple[str, ...] | None = None) -> list[tuple[str, int]]:
+        return [(variant, seed) for variant in self.variants if not variants or variant in variants
+                for seed in (seeds or self.seeds)]
 
     def config(self, variant: str, seed: int, scale: str, extra: list[str] = ()) -> Config:
         """The cell's config: base preset (the quick preset at the quick scale), the scale's sizing, the seed's

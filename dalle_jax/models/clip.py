@@ -293,15 +293,30 @@ def pair_similarity(model: CLIP, images: jax.Array, text_ids: jax.Array) -> jax.
     return jnp.sum(image_emb * text_emb, axis=-1)
 
 
-def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> tuple[jax.Array, dict]:
+def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
+                     negative_emb: jax.Array | None = None, negative_valid: jax.Array | None = None
+                     ) -> tuple[jax.Array, dict]:
     """Symmetric InfoNCE over the batch: mean of CE(image -> its caption) and CE(caption -> its image).
 
     image_emb, text_emb (B, E) unit vectors (global arrays under sharding: the math is the same),
     logit_scale a scalar. Also returns the in-batch top-1 accuracies both ways.
+
+    With `negative_emb` (B, E), hard-negative captions (NegCLIP, Yuksekgonul et al. 2023): every image also ranks
+    the B negatives (those with `negative_valid` False are left out), so image -> text is CE over 2B captions;
+    caption -> image is unchanged (a negative has no image). `hard_negative_acc`: images that score their own
+    caption above their own negative.
     """
     logits = logit_scale * (image_emb @ text_emb.T).astype(jnp.float32)  # (B images, B texts)
     labels = jnp.arange(logits.shape[0])
-    log_p_text = jax.nn.log_softmax(logits, axis=1)  # each image over the captions
+    extra = {}
+    text_logits = logits
+    if negative_emb is not None:
+        negative_logits = logit_scale * (image_emb @ negative_emb.T).astype(jnp.float32)  # (B images, B negatives)
+        valid = jnp.ones(logits.shape[0], bool) if negative_valid is None else negative_valid
+        text_logits = jnp.concatenate([logits, jnp.where(valid[None, :], negative_logits, -jnp.inf)], axis=1)
+        own = jnp.diagonal(negative_logits)
+        extra["hard_negative_acc"] = jnp.sum((jnp.diagonal(logits) > own) * valid) / jnp.maximum(jnp.sum(valid), 1)
+    log_p_text = jax.nn.log_softmax(text_logits, axis=1)  # each image over the captions (and negatives)
     log_p_image = jax.nn.log_softmax(logits, axis=0)  # each caption over the images
     image_to_text = -jnp.mean(log_p_text[labels, labels])
     text_to_image = -jnp.mean(log_p_image[labels, labels])
@@ -309,7 +324,7 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
     return loss, {"image_to_text_loss": image_to_text, "text_to_image_loss": text_to_image,
                   "image_to_text_acc": jnp.mean(jnp.argmax(logits, axis=1) == labels),
                   "text_to_image_acc": jnp.mean(jnp.argmax(logits, axis=0) == labels),
-                  "logit_scale": logit_scale}
+                  "logit_scale": logit_scale, **extra}
 
 
 def count_params(config: CLIPConfig) -> int:

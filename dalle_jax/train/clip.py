@@ -16,6 +16,9 @@ Eval: zero-shot retrieval in batches of `retrieval_batch` validation pairs (32 b
   eval/retrieval_top1_heldout         queries that name a held-out pair (the shapes dataset marks them)
   eval/image_to_text_top1             image -> caption top-1 accuracy (+ _in_distribution / _heldout)
   eval/loss                           InfoNCE of the same batches; eval/retrieval_batch, eval/retrieval_chance
+  eval/swap_top1                      shapes: images that score their caption above the caption with one concept
+                                      swapped (data.scorer.swap_one_concept; chance 0.5; + _heldout) — whether
+                                      the reranker checks every concept, which random in-batch negatives do not test
 Only full batches count, so every query has exactly `retrieval_batch` candidates. On shapes, captions that
 several images in a batch satisfy cap what any model can reach: among 32 validation pairs the exact scorer puts
 the ceiling at 0.942 in-distribution, 0.851 held-out, 0.909 overall (1k validation, seed 0).
@@ -45,9 +48,13 @@ from dalle_jax.train import stage as stage_lib
 # ------------------------------------------------------------------------------------------------ loss
 
 def clip_loss(model: CLIP, batch: dict, key: jax.Array, step: jax.Array) -> tuple[jax.Array, dict]:
-    """InfoNCE of a batch {"image" (B, S, S, 3) uint8, "text" (B, T) int32}."""
+    """InfoNCE of a batch {"image" (B, S, S, 3) uint8, "text" (B, T) int32}, plus the hard negatives
+    {"negative" (B, T) int32, "negative_valid" (B,) bool} when clip_train.hard_negatives is on."""
     image_emb, text_emb = model(batch["image"], batch["text"])
-    return contrastive_loss(image_emb, text_emb, model.logit_scale())
+    if "negative" not in batch:
+        return contrastive_loss(image_emb, text_emb, model.logit_scale())
+    negative_emb = model.encode_text(batch["negative"])
+    return contrastive_loss(image_emb, text_emb, model.logit_scale(), negative_emb, batch["negative_valid"])
 
 
 def make_clip_step(cfg: ClipTrainConfig, model_cfg: CLIPConfig, optimizer: optax.GradientTransformation,
@@ -55,25 +62,36 @@ def make_clip_step(cfg: ClipTrainConfig, model_cfg: CLIPConfig, optimizer: optax
     """The jitted, donated update of the shared loop for global batches {"image", "text"} sharded on batch."""
     batch_shape = {"image": (cfg.batch_size, model_cfg.image_size, model_cfg.image_size, 3),
                    "text": (cfg.batch_size, model_cfg.text_len)}
+    if cfg.hard_negatives:
+        batch_shape.update(negative=(cfg.batch_size, model_cfg.text_len), negative_valid=(cfg.batch_size,))
     return loop.make_train_step(clip_loss, optimizer, spec, mesh, rules,
                                 stage_lib.batch_shardings(batch_shape, mesh, rules), cfg.ema_decay, cfg.ema_warmup)
 
 
 # ------------------------------------------------------------------------------------------------ data
 
-def pair_transform(tokenizer: TextTokenizer, training: bool, holdout: set[tuple[str, str]] = frozenset()):
+def pair_transform(tokenizer: TextTokenizer, training: bool, holdout: set[tuple[str, str]] = frozenset(),
+                   hard_negatives: bool = False):
     """Image dataset example -> {"image" uint8 (S, S, 3), "text" int32 (T,), "heldout" bool, "caption" str}.
 
     `training` applies the tokenizer's BPE-dropout (its randomness from the per-example generator, so a resumed
-    run tokenises as the uninterrupted one).
+    run tokenises as the uninterrupted one). `hard_negatives` adds "negative" (T,) ids of the caption with one
+    concept swapped (`data.scorer.swap_one_concept`, never naming a `holdout` pair; from the same generator) and
+    "negative_valid" (False where the caption has no swap).
     """
+    from dalle_jax.data.scorer import swap_one_concept
     from dalle_jax.train.prior import is_heldout
 
     def transform(example: dict, rng: np.random.Generator) -> dict:
         caption = caption_text(example["caption"])
         text = tokenizer.encode([caption], training=training, rng=rng)[0].astype(np.int32)
-        return {"image": np.asarray(example["image"], np.uint8), "text": text,
-                "heldout": np.bool_(bool(holdout) and is_heldout(caption, holdout)), "caption": caption}
+        out = {"image": np.asarray(example["image"], np.uint8), "text": text,
+               "heldout": np.bool_(bool(holdout) and is_heldout(caption, holdout)), "caption": caption}
+        if hard_negatives:
+            negative = swap_one_concept(caption, rng, holdout)
+            out["negative"] = tokenizer.encode([negative or caption], training=training, rng=rng)[0].astype(np.int32)
+            out["negative_valid"] = np.bool_(negative is not None)
+        return out
 
     return transform
 
@@ -109,6 +127,16 @@ def retrieval_counts(image_emb: np.ndarray, text_emb: np.ndarray, heldout: np.nd
     return counts
 
 
+def swap_counts(image_emb: np.ndarray, text_emb: np.ndarray, negative_emb: np.ndarray, negative_valid: np.ndarray,
+                heldout: np.ndarray) -> dict:
+    """Images that score their own caption above the same caption with one concept swapped (the hard-negative
+    test; rows without a swap are not counted), split by the held-out flag."""
+    hit = (np.sum(image_emb * text_emb, -1) > np.sum(image_emb * negative_emb, -1))[negative_valid]
+    held = heldout[negative_valid]
+    return {"swap": int(hit.sum()), "swap_n": int(len(hit)), "swap_heldout": int(hit[held].sum()),
+            "swap_n_heldout": int(held.sum())}
+
+
 def info_nce_numpy(image_emb: np.ndarray, text_emb: np.ndarray, logit_scale: float) -> float:
     logits = logit_scale * (image_emb @ text_emb.T).astype(np.float64)
 
@@ -120,11 +148,13 @@ def info_nce_numpy(image_emb: np.ndarray, text_emb: np.ndarray, logit_scale: flo
 
 
 def make_evaluator(spec: loop.StateSpec, mesh, rules, source, tokenizer: TextTokenizer, cfg: ClipTrainConfig,
-              holdout: set[tuple[str, str]]):
-    """Zero-shot retrieval among `retrieval_batch` validation pairs (see the module docstring)."""
-    transform = pair_transform(tokenizer, training=False, holdout=holdout)
+              holdout: set[tuple[str, str]], swaps: bool = False):
+    """Zero-shot retrieval among `retrieval_batch` validation pairs (see the module docstring); with `swaps`
+    (shapes captions) also the hard-negative test."""
+    transform = pair_transform(tokenizer, training=False, holdout=holdout, hard_negatives=swaps)
     replicated = NamedSharding(mesh, PartitionSpec())
     which = "ema_params" if cfg.eval_ema else "params"
+    keys = ("image", "text", "heldout", "valid", *(("negative", "negative_valid") if swaps else ()))
 
     # Outputs replicated: every host reads whole batches, including rows other hosts read.
     @jax.jit
@@ -133,6 +163,9 @@ def make_evaluator(spec: loop.StateSpec, mesh, rules, source, tokenizer: TextTok
         image_emb, text_emb = model(batch["image"], batch["text"])
         out = {"image": image_emb, "text": text_emb, "heldout": batch["heldout"], "valid": batch["valid"],
                "scale": model.logit_scale()}
+        if swaps:
+            out["negative"] = model.encode_text(batch["negative"])
+            out["negative_valid"] = batch["negative_valid"]
         return jax.lax.with_sharding_constraint(out, replicated)
 
     def evaluate(state: dict, step: int) -> dict:
@@ -144,11 +177,14 @@ def make_evaluator(spec: loop.StateSpec, mesh, rules, source, tokenizer: TextTok
             for b, batch in enumerate(batches):
                 if cfg.eval_batches and b >= cfg.eval_batches:
                     break
-                arrays = device_batch({k: batch[k] for k in ("image", "text", "heldout", "valid")}, mesh, rules)
+                arrays = device_batch({k: batch[k] for k in keys}, mesh, rules)
                 out = jax.device_get(embed(state[which], arrays))
                 if not out["valid"].all():
                     continue  # the padded tail: fewer candidates would make retrieval easier
                 counts = retrieval_counts(out["image"], out["text"], out["heldout"])
+                if swaps:
+                    counts |= swap_counts(out["image"], out["text"], out["negative"], out["negative_valid"],
+                                          out["heldout"])
                 total = {k: total.get(k, 0) + v for k, v in counts.items()}
                 losses.append(info_nce_numpy(out["image"], out["text"], float(out["scale"])))
         if not losses:
@@ -163,6 +199,10 @@ def make_evaluator(spec: loop.StateSpec, mesh, rules, source, tokenizer: TextTok
                 metrics[f"{name}_in_distribution"] = (total[direction] - total[f"{direction}_heldout"]) / (n - n_held)
             if n_held:
                 metrics[f"{name}_heldout"] = total[f"{direction}_heldout"] / n_held
+        if total.get("swap_n"):
+            metrics["swap_top1"] = total["swap"] / total["swap_n"]
+            if total["swap_n_heldout"]:
+                metrics["swap_top1_heldout"] = total["swap_heldout"] / total["swap_n_heldout"]
         return metrics
 
     return evaluate
@@ -204,14 +244,17 @@ def train_clip(config: Config, dataset_dir: str | Path, tokenizer_path: str | Pa
     holdout = set(parse_holdout(config.data.holdout)) if config.data.dataset == "shapes" else set()
 
     def make_eval(spec, mesh, rules):
-        return make_evaluator(spec, mesh, rules, open_split(dataset_dir, "validation"), tokenizer, cfg, holdout)
+        return make_evaluator(spec, mesh, rules, open_split(dataset_dir, "validation"), tokenizer, cfg, holdout,
+                              swaps=config.data.dataset == "shapes")
 
     schedule = optim.learning_rate_schedule(cfg)
     stage = stage_lib.Stage(
         name="clip", train=cfg, model_config=model_cfg, model_fn=lambda: CLIP(model_cfg, rngs=nnx.Rngs(cfg.seed)),
         make_step=lambda optimizer, spec, mesh, rules: make_clip_step(cfg, model_cfg, optimizer, spec, mesh, rules),
-        train_source=train_source, transform=pair_transform(tokenizer, training=cfg.bpe_dropout),
-        device_keys=("image", "text"), make_eval=make_eval, tokenizer=tokenizer,
+        train_source=train_source, transform=pair_transform(tokenizer, training=cfg.bpe_dropout, holdout=holdout,
+                                                            hard_negatives=cfg.hard_negatives),
+        device_keys=("image", "text", *(("negative", "negative_valid") if cfg.hard_negatives else ())),
+        make_eval=make_eval, tokenizer=tokenizer,
         batch_checks=(cfg.retrieval_batch,), scalars=lambda step: {"lr": float(schedule(step))},
         curves=(("loss_curve.png", ("loss", "eval/loss"), "CLIP InfoNCE loss (nats)"),
                 ("retrieval_curve.png", ("eval/retrieval_top1_in_distribution", "eval/retrieval_top1_heldout",
