@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dalle_jax.data.scorer import SHAPE_MAX_DISTANCE
+
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
@@ -34,10 +36,12 @@ def test_quick_demo_writes_every_artefact(quick_run):
     for table in report["caption_match"].values():
         assert all(0.0 <= v <= 1.0 for v in table["best_of_n"].values())
         assert "1" in table["best_of_n"]
+        # the hits' shape distance lies within the scorer's tolerance
+        assert table["right_samples"] == 0 or 0 <= table["right_shape_distance_median"] <= SHAPE_MAX_DISTANCE
     assert 0 < report["prior"]["eval/image_loss"] < 2 * report["prior"]["eval/uniform_image_loss"]
     assert "eval/codebook_perplexity" in report["dvae"] and "eval/retrieval_top1" in report["clip"]
     text = (run / "report.md").read_text()
-    assert "Caption match" in text and "Accuracy vs N" in text
+    assert "Caption match" in text and "Accuracy vs N" in text and "right samples: shape distance" in text
     holdout = "red triangle,blue circle,yellow cross,green square"  # the default the quick run was built with
     assert report["holdout"] == holdout and f"held out: {holdout})" in text.splitlines()[0]
     for name in ("samples_in_distribution", "samples_heldout", "samples_position", "samples_relations",

@@ -43,6 +43,8 @@ def test_best_of_n_averages_the_disjoint_groups(seed):
     assert table["best_of_n"][1] == pytest.approx(np.mean(truths))
     assert table["any_of_n"] == pytest.approx(np.mean([t.any() for t in truths]))
     assert table["prompts"] == 3 and table["distinct_prompts"] == 3
+    assert table["right_samples"] == sum(int(t.sum()) for t in truths)  # every draw judged right counts once
+    assert table["right_shape_distance_median"] < 0.01  # exact renders: drawn shapes, not blobs that pass
 
 
 def test_wilson_interval_matches_the_closed_form():

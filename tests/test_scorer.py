@@ -177,3 +177,24 @@ def test_blurred_renders_still_score():
         for example in (render_example(spec, "validation", index) for index in range(trials))
     )
     assert correct / trials >= 0.95
+
+
+def test_match_returns_the_detections_in_caption_order_with_their_shape_distance():
+    from dalle_jax.data.scorer import match
+
+    rng = np.random.default_rng()
+    top, bottom = rng.choice(list(COLORS), 2, replace=False)
+    objects = [{"color": str(top), "shape": "circle", "box": [10, 2, 22, 14]},
+               {"color": str(bottom), "shape": "square", "box": [10, 18, 22, 30]}]
+    image = render_objects(objects, 32)
+    caption = f"a {bottom} square below a {top} circle"
+    verdict, matched = match(image, caption)
+    assert verdict == score(image, caption) and verdict["all"]
+    assert [(d["color"], d["shape"]) for d in matched] == [(str(bottom), "square"), (str(top), "circle")]
+    assert all(d["shape_distance"] < 0.01 for d in matched)  # exact renders
+    # A dented square (a quarter bitten out) still reads as a square at most, but farther from the exact render.
+    dented = image.copy()
+    dented[18:22, 18:22] = 255
+    _, bitten = match(dented, caption)
+    assert bitten and bitten[0]["shape_distance"] > matched[0]["shape_distance"] + 0.02
+    assert match(render_objects(objects[:1], 32), caption) == (dict.fromkeys(verdict, False), [])

@@ -312,6 +312,14 @@ def score(image: np.ndarray, caption: str) -> dict[str, bool]:
     Keys: "count" (as many objects as named), "color", "shape", "color_shape" (both right for every object),
     plus "size" / "position" / "relation" when the caption states them, and "all".
     """
+    return match(image, caption)[0]
+
+
+def match(image: np.ndarray, caption: str) -> tuple[dict[str, bool], list[dict[str, Any]]]:
+    """`score`'s verdict and the detected objects it matched to the caption's objects, in caption order (empty
+    when the image has fewer objects than the caption names). Their "shape_distance" says how cleanly a shape
+    judged right is drawn: exact renders measure ~0, a dVAE round trip of a small object 0.09 (median), and
+    anything up to SHAPE_MAX_DISTANCE passes."""
     parsed = parse_caption(caption)
     wanted = parsed["objects"]
     keys = ["count", "color", "shape", "color_shape"]
@@ -321,7 +329,7 @@ def score(image: np.ndarray, caption: str) -> dict[str, bool]:
 
     detected = detect_objects(image)
     if len(detected) < len(wanted):
-        return dict.fromkeys([*keys, "all"], False)
+        return dict.fromkeys([*keys, "all"], False), []
 
     def agreement(assignment: tuple[int, ...]) -> tuple[int, float]:
         matches = sum(
@@ -346,4 +354,4 @@ def score(image: np.ndarray, caption: str) -> dict[str, bool]:
     if "relation" in keys:
         result["relation"] = relation_between(pairs[0][1]["center"], pairs[1][1]["center"]) == parsed["relation"]
     result["all"] = all(result.values())
-    return result
+    return result, [d for _, d in pairs]

@@ -29,6 +29,8 @@ def evaluate_cell(cell: Path, config: Config, dataset: str, seed: int, options: 
         per_set.append(table)
         metrics.update({f"caption/{name}/best_of_{n}": v for n, v in table["best_of_n"].items()})
         metrics[f"caption/{name}/any_of_n"] = table["any_of_n"]
+        if table["right_shape_distance_median"] is not None:  # how cleanly the hits are drawn (no hit: no value)
+            metrics[f"caption/{name}/right_shape_distance"] = table["right_shape_distance_median"]
         # Per concept, per sample: is composition the product of its parts (Okawa et al. 2023)?
         metrics.update({f"caption/{name}/{key}_per_sample": rate
                         for key, rate in attribute_rates(prompts, kept, ("color", "shape")).items()})

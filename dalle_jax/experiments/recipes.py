@@ -79,6 +79,7 @@ COMPOSITION_METRICS = tuple(f"caption/{category}/best_of_{n}" for category in ("
 # and every single object on the lattice by size and by trained / held-out pair).
 COMPOSITION_METRICS += ("caption/in_distribution/color_per_sample", "caption/in_distribution/shape_per_sample",
                         "caption/heldout/color_per_sample", "caption/heldout/shape_per_sample",
+                        "caption/in_distribution/right_shape_distance", "caption/heldout/right_shape_distance",
                         "dvae/eval/recon_color_shape_acc", "round_trip/small_trained", "round_trip/small_heldout",
                         "round_trip/large_trained", "round_trip/large_heldout")
 
