@@ -101,6 +101,10 @@ def test_variants_select_a_subset_of_cells_and_an_unknown_one_is_named():
     assert command.endswith("--seeds 0,2 --variants guidance_1,clip_negatives")
     with pytest.raises(InputError, match="guidance_3 not among composition_sampling's variants"):
         _setup(argparse.Namespace(**args, variants="guidance_1,guidance_3"))
+    with pytest.raises(InputError, match="--seeds 0,5: 5 not among composition_sampling's seeds 0, 1, 2"):
+        _setup(argparse.Namespace(**{**args, "seeds": "0,5"}, variants=None))
+    with pytest.raises(InputError, match="give comma-separated integers"):
+        _setup(argparse.Namespace(**{**args, "seeds": "zero"}, variants=None))
 
 
 def test_stage_keys_follow_their_inputs_and_ignore_a_field_added_at_its_default():

@@ -72,29 +72,30 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subset(flag: str, text: str | None, allowed: tuple, what: str, name: str, parse=str) -> tuple | None:
+    """`--seeds 0,1` / `--variants a,b`: the chosen subset of `allowed` (None = all), or a one-line error naming
+    what is not among them."""
+    if not text:
+        return None
+    try:
+        chosen = tuple(parse(v.strip()) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: give comma-separated integers, e.g. {flag} 0,1") from None
+    unknown = [v for v in chosen if v not in allowed]
+    if unknown:
+        raise InputError(f"{flag} {text}: {', '.join(map(str, unknown))} not among {name}'s {what} "
+                         f"{', '.join(map(str, allowed))}")
+    return chosen
+
+
 def _setup(args: argparse.Namespace):
     from dalle_jax.experiments import spec
     from dalle_jax.experiments.runner import Runner
 
     experiment = spec.load(args.name)
     scale = "quick" if args.quick else args.scale
-    seeds = None
-    if args.seeds:
-        try:
-            seeds = tuple(int(s) for s in args.seeds.split(","))
-        except ValueError:
-            raise InputError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1") from None
-        unknown = set(seeds) - set(experiment.seeds)
-        if unknown:
-            raise InputError(f"--seeds {args.seeds}: {sorted(unknown)} not among {experiment.name}'s seeds "
-                             f"{list(experiment.seeds)}")
-    variants = None
-    if args.variants:
-        variants = tuple(v.strip() for v in args.variants.split(","))
-        unknown = [v for v in variants if v not in experiment.variants]
-        if unknown:
-            raise InputError(f"--variants {args.variants}: {', '.join(unknown)} not among {experiment.name}'s "
-                             f"variants {', '.join(experiment.variants)}")
+    seeds = _subset("--seeds", args.seeds, experiment.seeds, "seeds", experiment.name, int)
+    variants = _subset("--variants", args.variants, tuple(experiment.variants), "variants", experiment.name)
     root = Path("runs") / "experiments"
     out = Path(args.out or root / experiment.name / scale)
     # Without --out, every experiment of a scale shares one stage cache (the demo dVAE is trained once for all).
