@@ -251,8 +251,10 @@ def train_clip(config: Config, dataset_dir: str | Path, tokenizer_path: str | Pa
     stage = stage_lib.Stage(
         name="clip", train=cfg, model_config=model_cfg, model_fn=lambda: CLIP(model_cfg, rngs=nnx.Rngs(cfg.seed)),
         make_step=lambda optimizer, spec, mesh, rules: make_clip_step(cfg, model_cfg, optimizer, spec, mesh, rules),
-        train_source=train_source, transform=pair_transform(tokenizer, training=cfg.bpe_dropout, holdout=holdout,
-                                                            hard_negatives=cfg.hard_negatives),
+        # Training reads no held-out flag; the holdout only keeps held-out pairs out of the swaps.
+        train_source=train_source,
+        transform=pair_transform(tokenizer, training=cfg.bpe_dropout, holdout=holdout if cfg.hard_negatives else set(),
+                                 hard_negatives=cfg.hard_negatives),
         device_keys=("image", "text", *(("negative", "negative_valid") if cfg.hard_negatives else ())),
         make_eval=make_eval, tokenizer=tokenizer,
         batch_checks=(cfg.retrieval_batch,), scalars=lambda step: {"lr": float(schedule(step))},
