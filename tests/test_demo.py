@@ -107,6 +107,35 @@ def test_sample_command_on_the_demo_run(quick_run, tmp_path):
                                           np.asarray(Image.open(again / r["file"])), err_msg=name)
 
 
+def test_concept_guidance_through_the_reranker(quick_run):
+    """sample_and_rerank with concepts: a single-object prompt is guided by its one-concept captions (its kept
+    images are decodes of exactly what the sampler draws with those concept ids), a relation (no concepts) is drawn
+    as without them, and the concepts move the draws."""
+    from dalle_jax.data.scorer import one_concept_captions
+    from dalle_jax.sampling.rerank import decode_images, encode_prompts, load_run, sample_and_rerank
+    from dalle_jax.sampling.sampler import SampleConfig, sample_tokens
+
+    run = load_run(quick_run[0])
+    prompts = ["a small red circle", "a purple cross above an orange circle"]
+    concepts = [one_concept_captions(p) for p in prompts]
+    assert concepts == [["a small circle", "a small red object"], []]
+    seed, n = int(np.random.default_rng().integers(2**31)), 4
+    cfg = SampleConfig(concept_scale=1.5)
+    guided = sample_and_rerank(run, prompts, num_samples=n, top=n, seed=seed, sample_config=cfg, batch_size=4,
+                               progress=False, concepts=concepts)
+    plain = sample_and_rerank(run, prompts, num_samples=n, top=n, seed=seed, batch_size=4, progress=False)
+    ids = encode_prompts(run.tokenizer, concepts[0])
+    tokens = sample_tokens(run.prior, np.repeat(encode_prompts(run.tokenizer, prompts[:1]), n, axis=0), seed, cfg,
+                           pad_ids=run.tokenizer.pad_ids(), concepts=np.broadcast_to(ids, (n, *ids.shape)))
+    want = decode_images(run, tokens)
+    for kept in guided[0]:
+        np.testing.assert_array_equal(kept.image, want[kept.sample_index])
+    assert any(not np.array_equal(a.image, want[a.sample_index]) for a in plain[0])  # the concepts moved draws
+    by_index = {k.sample_index: k.image for k in plain[1]}
+    for kept in guided[1]:
+        np.testing.assert_array_equal(kept.image, by_index[kept.sample_index])
+
+
 def test_sample_bad_input_is_named(quick_run, tmp_path):
     run, _ = quick_run
     empty = _cli("sample", "--run", str(run), "--prompt", "  ", "--out-dir", str(tmp_path / "a"), timeout=120)

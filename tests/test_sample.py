@@ -218,6 +218,52 @@ def test_guided_logits_match_numpy():
         sample_tokens(model, text, 0, SampleConfig(cfg_scale=2.0))
 
 
+def test_concept_guided_logits_match_numpy():
+    """u + s (c - u) + w * sum_k (c_k - u) at every step of the batched cached path vs K + 2 full forwards
+    combined in float64, for random captions, K = 2 random concept captions and random s, w."""
+    model = _model(SPARSE)
+    rng = np.random.default_rng()
+    text, image = _captions(3, rng), _images(3, rng)
+    concepts = np.stack([_captions(3, rng), _captions(3, rng)], axis=1)  # (B, K, T)
+    s, w = rng.uniform(0.0, 2.0), rng.uniform(0.5, 2.0)
+    c = _full_forward_logits(model, text, image)
+    u = _full_forward_logits(model, np.broadcast_to(PADS, text.shape), image)
+    parts = [_full_forward_logits(model, concepts[:, k], image) - u for k in range(2)]
+    want = u + s * (c - u) + w * (parts[0] + parts[1])
+    got = cached_logits(model, text, image, cfg_scale=s, pad_ids=PADS, concepts=concepts, concept_scale=w)
+    assert _max_relative_error(got, want) <= 1e-5
+    assert _max_relative_error(got, u + s * (c - u)) > 1e-2  # the concepts really moved the logits
+    # w = 0 ignores the concepts (no extra branches): exactly classifier-free guidance
+    np.testing.assert_array_equal(cached_logits(model, text, image, cfg_scale=s, pad_ids=PADS, concepts=concepts),
+                                  cached_logits(model, text, image, cfg_scale=s, pad_ids=PADS))
+    with pytest.raises(ValueError, match="needs concept captions"):
+        sample_tokens(model, text, 0, SampleConfig(concept_scale=1.0), pad_ids=PADS)
+    with pytest.raises(ValueError, match=r"concept caption ids of shape \(3, 6\)"):
+        sample_tokens(model, text, 0, SampleConfig(concept_scale=1.0), pad_ids=PADS, concepts=text)
+    with pytest.raises(ConfigError, match="concept_scale"):
+        SampleConfig(concept_scale=float("nan"))
+
+
+def test_concept_guided_sampler_draws_the_reference_tokens_and_shards():
+    """Concept guidance through prefill + cached decode draws the tokens a full forward per step draws, on one
+    device and on a (2, 2, 2) mesh with a batch of 3 padded to 4 (x 4 branches)."""
+    model = _model(SPARSE)
+    rng = np.random.default_rng()
+    text = _captions(3, rng)
+    concepts = np.stack([_captions(3, rng), _captions(3, rng)], axis=1)
+    cfg = dataclasses.replace(FILTERED_GUIDED, cfg_scale=0.5, concept_scale=1.5)
+    seed = int(rng.integers(2**31))
+    cached = sample_tokens(model, text, seed, cfg, pad_ids=PADS, concepts=concepts)
+    np.testing.assert_array_equal(cached, sample_reference(model, text, seed, cfg, pad_ids=PADS, concepts=concepts))
+    assert not np.array_equal(cached, sample_tokens(model, text, seed, FILTERED_GUIDED, pad_ids=PADS))
+    mesh = sharding.make_mesh(MeshConfig(ici_parallelism=(2, 2, 2)))
+    rules = MeshConfig().rules
+    graphdef, params = nnx.split(model, nnx.Param)
+    sharded = sample_tokens((graphdef, sharding.shard_state(params, mesh, rules)), text, seed, cfg, pad_ids=PADS,
+                            concepts=concepts, mesh=mesh, rules=rules)
+    np.testing.assert_array_equal(sharded, cached)
+
+
 # ------------------------------------------------------------------------------------------------ filtering
 
 

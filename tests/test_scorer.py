@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dalle_jax.data.scorer import detect_objects, parse_caption, score
+from dalle_jax.data.scorer import detect_objects, one_concept_captions, parse_caption, score
 from dalle_jax.data.shapes import (
     COLORS,
     POSITIONS,
@@ -47,6 +47,26 @@ def test_parse_caption_round_trips_rendered_captions():
         assert len(parsed["objects"]) == len(example["objects"])
         for stated, drawn in zip(parsed["objects"], example["objects"], strict=True):
             assert all(drawn[key] == value for key, value in stated.items())
+
+
+def test_one_concept_captions_are_the_forms_training_drops_a_concept_to():
+    """Every one-concept caption the training data writes (data.one_concept_captions=1) is one of the two that
+    one_concept_captions derives from the same example's full caption; relations have none."""
+    spec = ShapesSpec(seed=_fresh_seed(), one_concept_captions=1.0)
+    seen = 0
+    for index in range(300):
+        example = render_example(spec, "train", index)
+        full = caption_for(example["template"], example["objects"], example["relation"])
+        concepts = one_concept_captions(full)
+        if example["template"] == "relation":
+            assert concepts == [] and example["caption"] == full
+            continue
+        shape_only, color_only = concepts
+        assert example["caption"] in concepts and example["caption"] != full
+        assert example["objects"][0]["color"] not in shape_only and example["objects"][0]["shape"] not in color_only
+        seen += 1
+    assert seen > 150
+    assert one_concept_captions("a pink elephant") == []
 
 
 @pytest.mark.parametrize("image_size", [64, 32])

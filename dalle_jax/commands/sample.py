@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "  dalle-jax sample --run runs/demo --prompt 'a purple cross above an orange circle'\n"
                "  dalle-jax sample --run runs/demo --prompts-file prompts.txt --num-samples 32 --top 4\n"
                "  dalle-jax sample --run runs/demo --prompt 'a red square' --image-prefix cat.png --prefix-rows 3\n"
-               "  dalle-jax sample --run runs/demo --prompt 'a blue circle' --cfg-scale 3 --top-k 64")
+               "  dalle-jax sample --run runs/demo --prompt 'a blue circle' --cfg-scale 3 --top-k 64\n"
+               "  dalle-jax sample --run runs/demo --prompt 'a blue circle' --concept 'a circle' "
+               "--concept 'a blue object'")
     where = parser.add_argument_group("checkpoints")
     where.add_argument("--run", help="run directory holding dvae/, prior/ and clip/ (as `dalle-jax demo` writes)")
     where.add_argument("--dvae", help="dVAE directory (default RUN/dvae)")
@@ -53,6 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     how.add_argument("--cfg-scale", type=float, default=1.0,
                      help="classifier-free guidance s (1 = plain conditional, the paper; needs caption dropout "
                           "in training)")
+    how.add_argument("--concept", action="append", default=[],
+                     help="a concept caption every prompt is also guided by (repeatable; composable guidance, Liu et "
+                          "al. 2022: adds w (c_k - u) to the logits; needs a prior that learnt such captions, e.g. "
+                          "--set data.one_concept_captions=0.5, and caption dropout)")
+    how.add_argument("--concept-scale", type=float, default=None,
+                     help="the weight w of each --concept (default 1.0)")
     how.add_argument("--batch-size", type=int, default=64, help="candidates per sampler call (default 64)")
     how.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="the prior's block weights, compute and KV cache while sampling (default float32; "
@@ -109,7 +117,11 @@ def _sample(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     if args.prefix_rows and not args.image_prefix:
         raise SampleInputError("--prefix-rows needs --image-prefix IMAGE")
-    cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale)
+    if args.concept_scale is not None and not args.concept:
+        raise SampleInputError("--concept-scale needs at least one --concept TEXT")
+    concept_scale = (1.0 if args.concept_scale is None else args.concept_scale) if args.concept else 0.0
+    cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
+                       concept_scale=concept_scale)
     check_counts(args.num_samples, args.top, args.batch_size)
     if not 0 <= args.seed < 2**32:
         raise SampleInputError(f"--seed {args.seed} must be in [0, 2^32)")
@@ -123,7 +135,8 @@ def _sample(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
     sample_and_rerank(run, prompts, num_samples=args.num_samples, top=args.top, seed=args.seed, sample_config=cfg,
                       batch_size=args.batch_size, prefix=prefix, mesh=mesh, progress=not args.quiet,
-                      on_prompt=writer.add, timings=timings)  # each prompt's files are written as soon as it is done
+                      on_prompt=writer.add, timings=timings,  # each prompt's files are written as soon as it is done
+                      concepts=[args.concept] * len(prompts) if args.concept else None)
     grid = writer.finish()
     print(f"sample: {len(prompts)} prompt(s) x top {args.top} of {args.num_samples} -> {args.out_dir} ({grid.name})")
     split = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())

@@ -113,6 +113,20 @@ def swap_one_concept(caption: str, rng: np.random.Generator,
     return None
 
 
+def one_concept_captions(caption: str) -> list[str]:
+    """A single-object caption's forms naming only its shape and only its colour, as `data.one_concept_captions`
+    trains on ("a small blue circle" -> ["a small circle", "a small blue object"]): the concepts of concept
+    guidance (`SampleConfig.concept_scale`). [] for relations (training never drops a concept from them) and for
+    captions of no template."""
+    try:
+        parsed = parse_caption(caption)
+    except ValueError:
+        return []
+    if parsed["relation"] is not None:
+        return []
+    return [caption_for(parsed["template"], parsed["objects"], concepts=concepts) for concepts in ("shape", "color")]
+
+
 # ------------------------------------------------------------------------------------------- components
 
 

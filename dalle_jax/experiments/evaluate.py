@@ -13,6 +13,7 @@ from dalle_jax.config import Config
 
 def evaluate_cell(cell: Path, config: Config, dataset: str, seed: int, options: dict, progress: bool = True
                   ) -> dict[str, float]:
+    from dalle_jax.data.scorer import one_concept_captions
     from dalle_jax.demo.evaluate import SCORE_KEY, accuracy_table, prompt_sets, save_sample_grid
     from dalle_jax.sampling.rerank import load_run, reconstruct_images, sample_and_rerank
     from dalle_jax.sampling.sampler import SampleConfig
@@ -23,8 +24,10 @@ def evaluate_cell(cell: Path, config: Config, dataset: str, seed: int, options: 
     sample_config = SampleConfig(**options.get("sample", {}))  # the variant's sampling settings (default: paper's)
     per_set = []
     for name, prompts in prompt_sets(config, options["prompts_per_set"], seed).items():
+        # Concept guidance: each single-object prompt guided by its shape-only and colour-only captions.
+        concepts = [one_concept_captions(p) for p in prompts] if sample_config.concept_scale else None
         kept = sample_and_rerank(run, prompts, num_samples=num, top=num, seed=seed, sample_config=sample_config,
-                                 batch_size=64, progress=progress)
+                                 batch_size=64, progress=progress, concepts=concepts)
         table = accuracy_table(prompts, kept, SCORE_KEY)
         per_set.append(table)
         metrics.update({f"caption/{name}/best_of_{n}": v for n, v in table["best_of_n"].items()})

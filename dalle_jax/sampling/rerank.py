@@ -215,7 +215,8 @@ def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, t
                       sample_config: SampleConfig | None = None, batch_size: int = 64,
                       prefix: np.ndarray | None = None, mesh=None, rules=None, progress: bool = True,
                       on_prompt: Callable[[int, str, list[RankedSample]], None] | None = None,
-                      timings: dict[str, float] | None = None) -> list[list[RankedSample]]:
+                      timings: dict[str, float] | None = None, concepts: list[list[str]] | None = None
+                      ) -> list[list[RankedSample]]:
     """For each prompt, `num_samples` candidates reranked by CLIP; the best `top` in score order.
 
     Candidates are drawn, decoded and scored `batch_size` at a time and only the best `top` so far are kept, so
@@ -223,7 +224,8 @@ def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, t
     by draw index). Without a reranker only the first `top` draws are made (later draws would not change them).
     `on_prompt(p, prompt, kept)` is called as each prompt finishes (`SampleWriter.add` writes its files then).
     `timings`, if given, accumulates the seconds spent "sampling" (the prior), "decoding" (the dVAE) and "scoring"
-    (CLIP, and keeping the best).
+    (CLIP, and keeping the best). `concepts[p]`: prompt p's concept captions for concept guidance
+    (`sample_config.concept_scale`; an empty list samples that prompt without it); CLIP scores the prompt itself.
     """
     from tqdm.auto import tqdm
 
@@ -234,10 +236,15 @@ def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, t
         params = sharding.shard_state(params, mesh, rules)
     prior = (nnx.graphdef(run.prior), params)
     bar = tqdm(total=len(prompts) * drawn, desc="candidates", unit="sample", disable=not progress, dynamic_ncols=True)
+    if concepts is not None and len(concepts) != len(prompts):
+        raise SampleInputError(f"{len(concepts)} concept lists for {len(prompts)} prompts: give one per prompt")
     results = []
     for p, prompt in enumerate(prompts):
+        concept_ids = encode_prompts(run.tokenizer, concepts[p]) if concepts and concepts[p] else None
+        prompt_cfg = cfg if concept_ids is not None else dataclasses.replace(cfg, concept_scale=0.0)
         kept = _draw_and_rank(run, prior, [prompt], text[p : p + 1], [p * num_samples], drawn=drawn, top=top, seed=seed,
-                              cfg=cfg, per_call=batch_size, prefix=prefix, mesh=mesh, rules=rules, timings=timings,
+                              cfg=prompt_cfg, per_call=batch_size, prefix=prefix, mesh=mesh, rules=rules,
+                              timings=timings, concept_ids=concept_ids,
                               on_batch=lambda done, p=p: bar.update(p * drawn + done - bar.n))[0]
         results.append(kept)
         if on_prompt is not None:
@@ -275,11 +282,12 @@ def _prepare_prompts(run: LoadedRun, prompts: list[str], num_samples: int, top: 
 def _draw_and_rank(run: LoadedRun, prior: tuple[Any, Any], prompts: list[str], text: np.ndarray, offsets: list[int],
                    *, drawn: int, top: int, seed: int, cfg: SampleConfig, per_call: int,
                    prefix: np.ndarray | None = None, mesh=None, rules=None, timings: dict[str, float] | None = None,
-                   on_batch: Callable[[int], None] | None = None) -> list[list[RankedSample]]:
+                   on_batch: Callable[[int], None] | None = None, concept_ids: np.ndarray | None = None
+                   ) -> list[list[RankedSample]]:
     """Candidates 0 .. drawn - 1 of each prompt (caption ids `text[p]`; candidate i is sample offsets[p] + i of
     `seed`'s stream), `per_call` of every prompt in each sampler call (rows prompt-major); each batch is decoded and
     scored, and only the best `top` per prompt are kept. `on_batch(done)`: candidates drawn per prompt so far;
-    `timings` as in `sample_and_rerank`."""
+    `timings` as in `sample_and_rerank`; `concept_ids` (K, T): concept captions every row is guided with."""
     clip_ids = [None if run.clip is None else run.clip_tokenizer.encode([prompt]) for prompt in prompts]
     kept: list[list[RankedSample]] = [[] for _ in prompts]
     for start in range(0, drawn, per_call):
@@ -288,8 +296,10 @@ def _draw_and_rank(run: LoadedRun, prior: tuple[Any, Any], prompts: list[str], t
         batch_prefix = None if prefix is None else np.broadcast_to(prefix, (rows, *prefix.shape))
         sample_ids = (np.asarray(offsets)[:, None] + np.arange(start, start + count)).reshape(-1)
         clock = time.perf_counter()
+        batch_concepts = None if concept_ids is None else np.broadcast_to(concept_ids, (rows, *concept_ids.shape))
         tokens = sample_tokens(prior, np.repeat(text, count, axis=0), seed, cfg, pad_ids=run.tokenizer.pad_ids(),
-                               prefix=batch_prefix, mesh=mesh, rules=rules, sample_offset=sample_ids)
+                               prefix=batch_prefix, mesh=mesh, rules=rules, sample_offset=sample_ids,
+                               concepts=batch_concepts)
         clock = _lap(timings, "sampling", clock)
         images = decode_images(run, tokens)
         clock = _lap(timings, "decoding", clock)

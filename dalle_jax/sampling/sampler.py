@@ -21,6 +21,13 @@ caption-conditioned logits and u those of the same image prefix under the all-pa
 prior learns unconditionally from when training replaces a caption by the tokenizer's pad ids (caption
 dropout, `train/prior.py`). The two branches run as one forward on a doubled batch [cond; uncond]; s = 1 is
 plain conditional sampling and skips the unconditional branch; s = 0 samples the unconditional model.
+
+Concept guidance (composable guidance, Liu et al. 2022, "Compositional Visual Generation with Composable
+Diffusion Models"; not in the paper): given K concept captions per sample c_1..c_K (e.g. "a blue object" and "a
+circle" for "a blue circle"), logits = u + s (c - u) + w * sum_k (c_k - u): a product of experts
+p(x | caption)^s * prod_k p(x | c_k)^w / p(x)^(s + K w - 1), so each concept pulls on its own even when the
+caption names a pair the prior never saw together. The branches [cond; concept 1; ...; concept K; uncond] run as
+one forward on a (K + 2)-fold batch.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ class SampleConfig:
         doubles the batch of every forward pass.
     prefix_rows: image rows given as a prefix and kept (the paper's image-to-image completion gives 15 of
         32 rows); 0 = text only. See `sample_tokens` for how a prefix is passed.
+    concept_scale: concept guidance w (see the module doc): each concept caption given to the sampler adds
+        w (c_k - u) to the logits; 0.0 = off (the paper). With concepts, every forward pass runs K + 2 batches.
     """
 
     temperature: float = 1.0
@@ -66,6 +75,7 @@ class SampleConfig:
     top_p: float = 1.0
     cfg_scale: float = 1.0
     prefix_rows: int = 0
+    concept_scale: float = 0.0
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -78,6 +88,8 @@ class SampleConfig:
             raise ConfigError(f"sample.cfg_scale={self.cfg_scale} (--cfg-scale) must be finite")
         if self.prefix_rows < 0:
             raise ConfigError(f"sample.prefix_rows={self.prefix_rows} (--prefix-rows) must be >= 0")
+        if not math.isfinite(self.concept_scale):
+            raise ConfigError(f"sample.concept_scale={self.concept_scale} (--concept-scale) must be finite")
 
     @property
     def guided(self) -> bool:
@@ -111,11 +123,18 @@ def filter_logits(logits: jax.Array, temperature: float | jax.Array = 1.0, top_k
     return logits
 
 
-def guide(logits: jax.Array, batch: int, scale: float | jax.Array) -> jax.Array:
-    """(2B, ..., V) logits of the [cond; uncond] batch -> (B, ..., V) guided logits u + s (c - u), fp32."""
+def guide(logits: jax.Array, batch: int, scale: float | jax.Array, concept_scale: float | jax.Array = 0.0
+          ) -> jax.Array:
+    """((K + 2) B, ..., V) logits of the [cond; concept 1; ...; concept K; uncond] batch -> (B, ..., V) guided
+    logits u + s (c - u) + w * sum_k (c_k - u), fp32 (K = 0: classifier-free guidance alone)."""
     logits = logits.astype(jnp.float32)
-    cond, uncond = logits[:batch], logits[batch:]
-    return uncond + jnp.asarray(scale, jnp.float32) * (cond - uncond)
+    cond, uncond = logits[:batch], logits[-batch:]
+    guided = uncond + jnp.asarray(scale, jnp.float32) * (cond - uncond)
+    concepts = logits[batch:-batch]  # (K B, ..., V)
+    if concepts.shape[0]:
+        per_concept = concepts.reshape(-1, batch, *concepts.shape[1:]) - uncond  # (K, B, ..., V)
+        guided = guided + jnp.asarray(concept_scale, jnp.float32) * per_concept.sum(axis=0)
+    return guided
 
 
 def _sample_row_keys(base_key: jax.Array, sample_ids: jax.Array) -> jax.Array:
@@ -137,16 +156,18 @@ def _draw(logits: jax.Array, row_keys: jax.Array, token_index: jax.Array | int, 
 Choose = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def _branches(text: jax.Array, pad_ids: jax.Array, guided: bool) -> jax.Array:
-    """(B, T) captions -> (2B, T) [captions; all-pad captions] when guided, else unchanged."""
+def _branches(text: jax.Array, pad_ids: jax.Array, guided: bool, concepts: jax.Array | None = None) -> jax.Array:
+    """(B, T) captions and (B, K, T) concept captions -> ((K + 2) B, T) [captions; concept 1; ...; concept K;
+    all-pad captions] when guided, else the captions unchanged."""
     if not guided:
         return text
-    return jnp.concatenate([text, jnp.broadcast_to(pad_ids.astype(text.dtype), text.shape)], axis=0)
+    parts = [] if concepts is None else [concepts[:, k] for k in range(concepts.shape[1])]
+    return jnp.concatenate([text, *parts, jnp.broadcast_to(pad_ids.astype(text.dtype), text.shape)], axis=0)
 
 
-def _tile(x: jax.Array, guided: bool) -> jax.Array:
-    """The same image tokens for both branches."""
-    return jnp.concatenate([x, x], axis=0) if guided else x
+def _tile(x: jax.Array, branches: int) -> jax.Array:
+    """The same image tokens for every branch."""
+    return jnp.concatenate([x] * branches, axis=0) if branches > 1 else x
 
 
 def _constrain_cache(cache: list[dict]) -> list[dict]:
@@ -195,30 +216,32 @@ def decode_step(model: Prior, cache: list[dict], token: jax.Array, position: jax
 
 
 def _decode_cached(model: Prior, cache: list[dict], text: jax.Array, pad_ids: jax.Array, image: jax.Array,
-                   prefix_len: int, scale: jax.Array, guided: bool, choose: Choose, collect: bool
-                   ) -> tuple[jax.Array, list[dict], jax.Array | None]:
+                   prefix_len: int, scales: jax.Array, static: _Static, choose: Choose, collect: bool,
+                   concepts: jax.Array | None = None) -> tuple[jax.Array, list[dict], jax.Array | None]:
     """Prefill once, then one cached forward per image token.
 
     image (B, N) int32 holds the prefix in [:, :prefix_len] (and, for teacher forcing, the tokens `choose`
-    reads); returns the filled image (B, N), the cache, and with `collect` the guided logits (B, N, V).
+    reads); scales = (s, w); concepts (B, K, T) or None. Returns the filled image (B, N), the cache, and with
+    `collect` the guided logits (B, N, V).
     """
     c = model.config
     t, n, batch = c.text_len, c.image_len, text.shape[0]
+    guided, branches = static.guided, static.branches
 
     def logits_of(h: jax.Array) -> jax.Array:  # (B', S, d) -> (B, S, V) fp32
         logits = model.image_logits(h).astype(jnp.float32)
-        return guide(logits, batch, scale) if guided else logits
+        return guide(logits, batch, scales[0], scales[1]) if guided else logits
 
     layers = decode_layers(model)
-    h, cache = prefill(model, cache, _branches(text, pad_ids, guided),
-                       _tile(image[:, : prefix_len + 1], guided), layers)  # (B', T + 1 + P, d): positions 0..T+P
+    h, cache = prefill(model, cache, _branches(text, pad_ids, guided, concepts),
+                       _tile(image[:, : prefix_len + 1], branches), layers)  # (B', T + 1 + P, d): positions 0..T+P
     first = logits_of(h[:, t:] if collect else h[:, -1:])  # (B, P + 1 | 1, V); the last predicts token P
     token = choose(first[:, -1], jnp.asarray(prefix_len, jnp.int32), image)  # (B,)
     image = image.at[:, prefix_len].set(token)
 
     def step(carry, j):
         cache, image, token = carry
-        h, cache = decode_step(model, cache, _tile(token, guided), t + j, layers)  # token j-1 at position T+j
+        h, cache = decode_step(model, cache, _tile(token, branches), t + j, layers)  # token j-1 at position T+j
         logits = logits_of(h)[:, 0]  # (B, V): image token j
         token = choose(logits, j, image)
         image = jax.lax.dynamic_update_slice(image, token[:, None], (0, j))
@@ -233,7 +256,8 @@ def _decode_cached(model: Prior, cache: list[dict], text: jax.Array, pad_ids: ja
 
 
 def _decode_reference(model: Prior, text: jax.Array, pad_ids: jax.Array, image: jax.Array, prefix_len: int,
-                      scale: jax.Array, guided: bool, choose: Choose) -> jax.Array:
+                      scales: jax.Array, static: _Static, choose: Choose, concepts: jax.Array | None = None
+                      ) -> jax.Array:
     """No cache: at every step a full forward over the whole (B', T + N) sequence buffer.
 
     Positions after the current one hold placeholder zeros; the masks are causal, so they are never seen (the
@@ -241,12 +265,12 @@ def _decode_reference(model: Prior, text: jax.Array, pad_ids: jax.Array, image: 
     """
     c = model.config
     t, batch = c.text_len, text.shape[0]
-    text = _branches(text, pad_ids, guided)
+    text = _branches(text, pad_ids, static.guided, concepts)
 
     def step(j, image):
-        h, _ = model.forward(Prior.input_tokens(text, _tile(image, guided)))  # (B', T + N, d)
+        h, _ = model.forward(Prior.input_tokens(text, _tile(image, static.branches)))  # (B', T + N, d)
         logits = model.image_logits(jax.lax.dynamic_slice_in_dim(h, t + j, 1, axis=1))[:, 0]  # (B', V)
-        logits = guide(logits, batch, scale) if guided else logits.astype(jnp.float32)
+        logits = guide(logits, batch, scales[0], scales[1]) if static.guided else logits.astype(jnp.float32)
         token = choose(logits, j, image)
         return jax.lax.dynamic_update_slice(image, token[:, None], (0, j))
 
@@ -261,6 +285,12 @@ class _Static:
     nucleus: bool
     guided: bool
     prefix_len: int
+    concepts: int = 0  # K concept captions per sample (guided only)
+
+    @property
+    def branches(self) -> int:
+        """Batches in every forward pass: [cond; concept 1..K; uncond] when guided, else 1."""
+        return self.concepts + 2 if self.guided else 1
 
 
 def _sampler_choose(row_keys: jax.Array, scalars: jax.Array, static: _Static) -> Choose:
@@ -271,11 +301,11 @@ def _sampler_choose(row_keys: jax.Array, scalars: jax.Array, static: _Static) ->
 def _cached_sampler(graphdef: Any, static: _Static) -> Callable:
     """The jitted cached sampler for one model structure and static setting; jit caches per batch shape."""
 
-    def run(params, cache, text, pad_ids, image, sample_ids, key, scalars):
+    def run(params, cache, text, pad_ids, image, sample_ids, key, scalars, concepts):
         model = nnx.merge(graphdef, nnx.State(params))
         choose = _sampler_choose(_sample_row_keys(key, sample_ids), scalars, static)
-        image, cache, _ = _decode_cached(model, cache, text, pad_ids, image, static.prefix_len, scalars[2],
-                                         static.guided, choose, collect=False)
+        image, cache, _ = _decode_cached(model, cache, text, pad_ids, image, static.prefix_len, scalars[2:],
+                                         static, choose, collect=False, concepts=concepts)
         return sharding.constrain(image, ("batch", None)), cache
 
     return jax.jit(run, donate_argnames=("cache",))
@@ -283,21 +313,22 @@ def _cached_sampler(graphdef: Any, static: _Static) -> Callable:
 
 @functools.lru_cache(maxsize=64)
 def _reference_sampler(graphdef: Any, static: _Static) -> Callable:
-    def run(params, text, pad_ids, image, sample_ids, key, scalars):
+    def run(params, text, pad_ids, image, sample_ids, key, scalars, concepts):
         model = nnx.merge(graphdef, nnx.State(params))
         choose = _sampler_choose(_sample_row_keys(key, sample_ids), scalars, static)
-        return _decode_reference(model, text, pad_ids, image, static.prefix_len, scalars[2], static.guided, choose)
+        return _decode_reference(model, text, pad_ids, image, static.prefix_len, scalars[2:], static, choose,
+                                 concepts)
 
     return jax.jit(run)
 
 
 @functools.lru_cache(maxsize=16)
-def _forced_logits(graphdef: Any, prefix_len: int, guided: bool) -> Callable:
-    def run(params, cache, text, pad_ids, image, scale):
+def _forced_logits(graphdef: Any, static: _Static) -> Callable:
+    def run(params, cache, text, pad_ids, image, scales, concepts):
         model = nnx.merge(graphdef, nnx.State(params))
         choose = lambda logits, j, image: jax.lax.dynamic_index_in_dim(image, j, 1, keepdims=False)
-        return _decode_cached(model, cache, text, pad_ids, image, prefix_len, scale, guided, choose,
-                              collect=True)[2]
+        return _decode_cached(model, cache, text, pad_ids, image, static.prefix_len, scales, static, choose,
+                              collect=True, concepts=concepts)[2]
 
     return jax.jit(run)
 
@@ -401,11 +432,24 @@ def _check_text(text: np.ndarray, config: PriorConfig) -> np.ndarray:
     return text.astype(np.int32)
 
 
+def _check_concepts(concepts: Any, cfg_concept_scale: float, batch: int, config: PriorConfig) -> np.ndarray | None:
+    """(B, K, T) concept caption ids, validated; None when there are none or concept guidance is off (w = 0)."""
+    if concepts is None or cfg_concept_scale == 0.0:
+        if cfg_concept_scale != 0.0:
+            raise ValueError(f"concept_scale={cfg_concept_scale} needs concept captions (B, K, T) to guide with")
+        return None
+    concepts = np.asarray(concepts)
+    if concepts.ndim != 3 or concepts.shape[0] != batch or not concepts.shape[1]:
+        raise ValueError(f"concept caption ids of shape {concepts.shape}: expected ({batch}, K >= 1, "
+                         f"{config.text_len})")
+    return _check_text(concepts.reshape(-1, concepts.shape[2]), config).reshape(concepts.shape)
+
+
 def _pads(pad_ids: Any, config: PriorConfig, needed: bool) -> np.ndarray:
     if pad_ids is None:
         if needed:
-            raise ValueError("cfg_scale != 1 needs pad_ids (the tokenizer's `pad_ids()`) for the unconditional "
-                             "branch")
+            raise ValueError("cfg_scale != 1 or concept guidance needs pad_ids (the tokenizer's `pad_ids()`) for the "
+                             "unconditional branch")
         return np.zeros((config.text_len,), np.int32)
     pad_ids = np.asarray(pad_ids, np.int32)
     if pad_ids.shape != (config.text_len,):
@@ -457,11 +501,13 @@ class _Placement:
         return np.asarray(jax.device_get(x))
 
 
-def _prepare(model, text, cfg, pad_ids, prefix, mesh, rules, sample_offset, guided):
+def _prepare(model, text, cfg, pad_ids, prefix, mesh, rules, sample_offset, guided, concepts):
     graphdef, params = split_model(model)
     config = _config_of(graphdef, params)
     text = _check_text(text, config)
     batch = text.shape[0]
+    concepts = _check_concepts(concepts, cfg.concept_scale, batch, config)
+    guided = guided or concepts is not None
     pads = _pads(pad_ids, config, guided)
     prefix = prefix_tokens(prefix, cfg.prefix_rows, config, batch)
     if rules is None and mesh is not None:
@@ -474,6 +520,7 @@ def _prepare(model, text, cfg, pad_ids, prefix, mesh, rules, sample_offset, guid
     image[:, : prefix.shape[1]] = prefix
     text, _ = pad_batch(text, multiple)
     image, _ = pad_batch(image, multiple)
+    concepts = None if concepts is None else pad_batch(concepts, multiple)[0]
     if np.ndim(sample_offset):  # explicit ids, one per row (rows of different requests batched together)
         ids = np.asarray(sample_offset, np.int64).reshape(-1)
         if ids.shape != (batch,):
@@ -482,17 +529,19 @@ def _prepare(model, text, cfg, pad_ids, prefix, mesh, rules, sample_offset, guid
         ids = sample_offset + np.arange(batch)
     padding = ids.max() + 1 + np.arange(text.shape[0] - batch)  # rows added for the mesh, trimmed after
     sample_ids = np.concatenate([ids, padding]).astype(np.int32)
-    static = _Static(top_k=cfg.top_k, nucleus=cfg.top_p < 1.0, guided=guided, prefix_len=prefix.shape[1])
-    scalars = np.array([cfg.temperature, cfg.top_p, cfg.cfg_scale], np.float32)
-    return graphdef, params, config, static, _Placement(mesh, rules), batch, (text, pads, image, sample_ids, scalars)
+    static = _Static(top_k=cfg.top_k, nucleus=cfg.top_p < 1.0, guided=guided, prefix_len=prefix.shape[1],
+                     concepts=0 if concepts is None else concepts.shape[1])
+    scalars = np.array([cfg.temperature, cfg.top_p, cfg.cfg_scale, cfg.concept_scale], np.float32)
+    return (graphdef, params, config, static, _Placement(mesh, rules), batch,
+            (text, pads, image, sample_ids, scalars, concepts))
 
 
 # ------------------------------------------------------------------------------------------------ public API
 
 def sample_tokens(model: Prior | tuple[Any, Any], text: Any, seed: int, cfg: SampleConfig = SampleConfig(), *,
                   pad_ids: Any = None, prefix: Any = None, mesh: Mesh | None = None,
-                  rules: sharding.Rules | None = None, sample_offset: int | np.ndarray = 0, cache_dtype: Any = None
-                  ) -> np.ndarray:
+                  rules: sharding.Rules | None = None, sample_offset: int | np.ndarray = 0, cache_dtype: Any = None,
+                  concepts: Any = None) -> np.ndarray:
     """Draws image tokens (B, N) int32 for captions `text` (B, T) with the cached sampler.
 
     Args:
@@ -510,64 +559,76 @@ def sample_tokens(model: Prior | tuple[Any, Any], text: Any, seed: int, cfg: Sam
       sample_offset: global index of this call's first sample (for drawing many samples over several calls), or
         a (B,) array of each row's sample index (rows of several prompts drawn in one call, each as if alone).
       cache_dtype: KV-cache dtype; default the model's compute dtype.
+      concepts: (B, K, T) ids of K concept captions per sample for concept guidance (cfg.concept_scale != 0;
+        ignored at 0), encoded like `text`.
 
     Returns: (B, N) int32 numpy tokens in raster order (reshape to (B, grid, grid)).
 
     The compiled program is cached per (model structure, top_k, whether top-p and guidance are on, prefix
-    length) and, by jit, per batch shape; temperature, top_p and cfg_scale are traced, so sweeping them does
-    not recompile.
+    length, number of concepts) and, by jit, per batch shape; temperature, top_p, cfg_scale and concept_scale
+    are traced, so sweeping them does not recompile.
     """
     return _sample(model, text, seed, cfg, pad_ids=pad_ids, prefix=prefix, mesh=mesh, rules=rules,
-                   sample_offset=sample_offset, cache_dtype=cache_dtype, guided=cfg.guided)
+                   sample_offset=sample_offset, cache_dtype=cache_dtype, guided=cfg.guided, concepts=concepts)
 
 
-def _sample(model, text, seed, cfg, *, pad_ids, prefix, mesh, rules, sample_offset, cache_dtype, guided):
+def _sample(model, text, seed, cfg, *, pad_ids, prefix, mesh, rules, sample_offset, cache_dtype, guided,
+            concepts=None):
     """`sample_tokens` with the batched-guidance switch exposed (tests run it at s = 1)."""
     graphdef, params, config, static, place, batch, host = _prepare(model, text, cfg, pad_ids, prefix, mesh, rules,
-                                                                   sample_offset, guided)
-    text_, pads, image, sample_ids, scalars = host
-    width = text_.shape[0] * (2 if static.guided else 1)
+                                                                   sample_offset, guided, concepts)
+    text_, pads, image, sample_ids, scalars, concepts_ = host
+    width = text_.shape[0] * static.branches
     dtype = jnp.dtype(cache_dtype or config.compute_dtype)
     with place.context():
         cache = place.cache(config, width, dtype)
         tokens, _ = _cached_sampler(graphdef, static)(
             params, cache, place.put(text_, True), place.put(pads, False), place.put(image, True),
-            place.put(sample_ids, True), jax.random.key(seed), place.put(scalars, False))
+            place.put(sample_ids, True), jax.random.key(seed), place.put(scalars, False),
+            None if concepts_ is None else place.put(concepts_, True))
     return place.get(tokens)[:batch]
 
 
 def sample_reference(model: Prior | tuple[Any, Any], text: Any, seed: int, cfg: SampleConfig = SampleConfig(), *,
-                     pad_ids: Any = None, prefix: Any = None, sample_offset: int = 0) -> np.ndarray:
+                     pad_ids: Any = None, prefix: Any = None, sample_offset: int = 0, concepts: Any = None
+                     ) -> np.ndarray:
     """The same samples as `sample_tokens` (same arguments, keys, filtering, guidance), drawn without a cache.
 
     Every step runs the full forward over the whole sequence, so it costs O(N) times the cached sampler's
     work: the slow, obviously-correct baseline for tests and benchmarks. Single device.
     """
     graphdef, params, _, static, place, batch, host = _prepare(model, text, cfg, pad_ids, prefix, None, None,
-                                                              sample_offset, cfg.guided)
-    text_, pads, image, sample_ids, scalars = host
+                                                              sample_offset, cfg.guided, concepts)
+    text_, pads, image, sample_ids, scalars, concepts_ = host
     tokens = _reference_sampler(graphdef, static)(params, jnp.asarray(text_), jnp.asarray(pads), jnp.asarray(image),
-                                                  jnp.asarray(sample_ids), jax.random.key(seed), jnp.asarray(scalars))
+                                                  jnp.asarray(sample_ids), jax.random.key(seed), jnp.asarray(scalars),
+                                                  None if concepts_ is None else jnp.asarray(concepts_))
     return place.get(tokens)[:batch]
 
 
 def cached_logits(model: Prior | tuple[Any, Any], text: Any, image: Any, *, prefix_rows: int = 0,
-                  cfg_scale: float = 1.0, pad_ids: Any = None, cache_dtype: Any = None) -> np.ndarray:
+                  cfg_scale: float = 1.0, pad_ids: Any = None, cache_dtype: Any = None, concepts: Any = None,
+                  concept_scale: float = 0.0) -> np.ndarray:
     """Teacher-forced (B, N, V) fp32 image logits through the sampler's own prefill + cached-decode code.
 
     The first `prefix_rows` rows of `image` (B, N) go into the prefill pass, every later token is fed one
     step at a time exactly as `sample_tokens` feeds its samples; logit j is the (guided, unfiltered)
-    prediction of token j. Equal to the full forward's `image_logits` up to float rounding (tested).
+    prediction of token j (concepts and concept_scale as in `sample_tokens`). Equal to the full forward's
+    `image_logits` up to float rounding (tested).
     """
     graphdef, params = split_model(model)
     config = _config_of(graphdef, params)
     text = _check_text(text, config)
     image = np.asarray(image, np.int32).reshape(text.shape[0], config.image_len)
     prefix_len = prefix_tokens(image, prefix_rows, config, text.shape[0]).shape[1] if prefix_rows else 0
-    guided = cfg_scale != 1.0
+    concepts = _check_concepts(concepts, concept_scale, text.shape[0], config)
+    guided = cfg_scale != 1.0 or concepts is not None
     pads = _pads(pad_ids, config, guided)
-    width = text.shape[0] * (2 if guided else 1)
-    cache = _Placement(None, ()).cache(config, width, jnp.dtype(cache_dtype or config.compute_dtype))
-    logits = _forced_logits(graphdef, prefix_len, guided)(params, cache, jnp.asarray(text), jnp.asarray(pads),
-                                                          jnp.asarray(image), jnp.float32(cfg_scale))
+    static = _Static(top_k=0, nucleus=False, guided=guided, prefix_len=prefix_len,
+                     concepts=0 if concepts is None else concepts.shape[1])
+    cache = _Placement(None, ()).cache(config, text.shape[0] * static.branches,
+                                       jnp.dtype(cache_dtype or config.compute_dtype))
+    logits = _forced_logits(graphdef, static)(params, cache, jnp.asarray(text), jnp.asarray(pads), jnp.asarray(image),
+                                              jnp.asarray([cfg_scale, concept_scale], jnp.float32),
+                                              None if concepts is None else jnp.asarray(concepts))
     return np.asarray(logits)
