@@ -16,7 +16,9 @@ Such a prior also knows p(image | "a circle") and p(image | "a blue object") on 
 samples that same prior (every trained stage shared) with concept guidance (composable guidance, Liu et al. 2022:
 logits c + w (c_shape - u) + w (c_colour - u), w = 1; SampleConfig.concept_scale), each single-object prompt
 guided by its shape-only and colour-only captions (data.scorer.one_concept_captions; relations are sampled
-plainly) — the product of two experts that are each in distribution for a held-out pair.
+plainly) — the product of two experts that are each in distribution for a held-out pair. `one_concept_only` drops
+the full caption's term (s = 0: u + (c_shape - u) + (c_colour - u), Composable Diffusion's AND): for a held-out
+pair the full caption pulls towards the trained pairs the prior has seen with its colour.
 """
 
 from dalle_jax.experiments import Claim
@@ -25,8 +27,10 @@ from dalle_jax.experiments.recipes import composition
 EXPERIMENT = composition(
     name="composition_captions",
     variants={"full_captions": [], "one_concept_half": ["data.one_concept_captions=0.5"],
-              "one_concept_concepts": ["data.one_concept_captions=0.5"]},
-    sampling={"one_concept_concepts": {"concept_scale": 1.0}},
+              "one_concept_concepts": ["data.one_concept_captions=0.5"],
+              "one_concept_only": ["data.one_concept_captions=0.5"]},
+    sampling={"one_concept_concepts": {"concept_scale": 1.0},
+              "one_concept_only": {"concept_scale": 1.0, "cfg_scale": 0.0}},
     claims=(
         Claim("captions naming one concept draw more held-out pairs",
               a=("one_concept_half", "caption/heldout/best_of_16"), b=("full_captions", "caption/heldout/best_of_16"),
@@ -39,6 +43,9 @@ EXPERIMENT = composition(
               b=("full_captions", "caption/in_distribution/best_of_16"), expect="same", tolerance=0.1),
         Claim("concept guidance (composable guidance, Liu et al. 2022) draws more held-out pairs from the same prior",
               a=("one_concept_concepts", "caption/heldout/best_of_16"),
+              b=("one_concept_half", "caption/heldout/best_of_16"), expect="higher"),
+        Claim("the concepts alone (no full-caption term) draw more held-out pairs than plain sampling",
+              a=("one_concept_only", "caption/heldout/best_of_16"),
               b=("one_concept_half", "caption/heldout/best_of_16"), expect="higher"),
         Claim("concept guidance gets held-out shapes right more often, per sample",
               a=("one_concept_concepts", "caption/heldout/shape_per_sample"),
