@@ -347,6 +347,15 @@ def test_quick_sweep_rerun_skips_finished_cells(quick_sweep):
     assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/result.json")} == before
     reported = _cli("report", str(path), "--quick", "--out", str(out))
     assert reported.returncode == 0 and "4 cells" in reported.stdout
+    # A run of a subset reports every finished cell (what it publishes keeps the others); `report` of a subset
+    # reports that subset.
+    subset = _cli("run", str(path), "--quick", "--out", str(out), "--quiet", "--variants", "weight_half",
+                  "--seeds", "0")
+    assert subset.returncode == 0 and "1 of 1 cells done before" in subset.stderr and "4 cells" in subset.stdout
+    assert len(json.loads((out / "results.json").read_text())["cells"]) == 4
+    reported = _cli("report", str(path), "--quick", "--out", str(out), "--variants", "weight_half")
+    assert reported.returncode == 0 and "2 cells" in reported.stdout
+    assert _cli("report", str(path), "--quick", "--out", str(out)).returncode == 0  # all 4 again, for later tests
 
 
 def test_published_cells_with_this_runs_config_are_adopted_and_changed_ones_run_again(quick_sweep, tmp_path):
@@ -358,7 +367,8 @@ def test_published_cells_with_this_runs_config_are_adopted_and_changed_ones_run_
     del published["cells"][0]["config"]["data"]["train_coverage"]  # as if the field (at its default) came later
     del published["cells"][2]["config"]["data"]["grid"]  # ... but this run sets it away from its default (1)
     (tmp_path / "sweep.json").write_text(json.dumps(published))
-    runner = Runner(experiment, "quick", tmp_path / "out", progress=False)
+    # A run of one cell adopts every published cell of the experiment, not only its own.
+    runner = Runner(experiment, "quick", tmp_path / "out", progress=False, seeds=(1,), variants=("weight_half",))
     adopted = runner.adopt(tmp_path / "sweep.json")
     key = lambda cell: (cell["variant"], cell["seed"])  # noqa: E731
     assert key(changed) not in adopted and key(published["cells"][2]) not in adopted
@@ -367,6 +377,7 @@ def test_published_cells_with_this_runs_config_are_adopted_and_changed_ones_run_
         result = runner.result(variant, seed)
         original = next(c for c in published["cells"] if (c["variant"], c["seed"]) == (variant, seed))
         assert result["metrics"] == original["metrics"] and result["adopted_from"] == str(tmp_path / "sweep.json")
+    assert len(runner.finished(selected_only=False)) == 2 and len(runner.finished()) == 1
     assert runner.adopt(tmp_path / "sweep.json") == []  # already finished here
     published["experiment"] = "another"
     (tmp_path / "other.json").write_text(json.dumps(published))

@@ -121,11 +121,13 @@ def _run(args: argparse.Namespace) -> int:
         adopted = runner.adopt(published)
         print(f"{runner.experiment.name}: {len(adopted)} cells taken from {published}", file=sys.stderr)
     try:
-        results = runner.run()
+        runner.run()
     except Preempted as stopped:  # like the trainers: a SIGTERM saves, says how to resume and exits 0
         print(stopped, file=sys.stderr)
         return 0
-    return _write(runner, results, command, args.publish)
+    # The report covers every finished cell, not only this run's subset: publishing a run of --variants or --seeds
+    # keeps the cells published before (adopted by --resume-published) in results/NAME.json.
+    return _write(runner, runner.finished(selected_only=False), command, args.publish)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -114,9 +114,11 @@ class Runner:
         bar.close()
         return [self.result(variant, seed) for variant, seed in cells]
 
-    def finished(self) -> list[dict]:
-        """The results of the cells finished so far (for a report on a sweep still running)."""
-        cells = self.experiment.cells(self.seeds, self.variants)
+    def finished(self, selected_only: bool = True) -> list[dict]:
+        """The results of the cells finished so far (for a report on a sweep still running): of this run's seeds and
+        variants, or with `selected_only=False` of the whole experiment (what a run of a subset publishes, so that
+        the cells run or adopted before stay in the report)."""
+        cells = self.experiment.cells(*((self.seeds, self.variants) if selected_only else ()))
         return [self.result(*cell) for cell in cells if self.cell_done(*cell)]
 
     def result(self, variant: str, seed: int) -> dict:
@@ -125,14 +127,15 @@ class Runner:
     def adopt(self, published: Path) -> list[tuple[str, int]]:
         """Takes the cells of a published results.json (`experiment report --publish`) that this run would compute
         identically (same variant, seed, scale, sampling and config, the dataset's location aside) as finished,
-        writing each into its cell directory with `adopted_from`; returns them. A published cell whose config
-        differs (the experiment or a preset changed since) is logged and left to run."""
+        writing each into its cell directory with `adopted_from`; returns them. Every cell of the experiment is
+        adopted, not only this run's seeds and variants: a run of a subset reports (and publishes) them too. A
+        published cell whose config differs (the experiment or a preset changed since) is logged and left to run."""
         document = json.loads(Path(published).read_text())
         if document.get("experiment") != self.experiment.name:
             raise ValueError(f"{published} holds experiment {document.get('experiment')!r}, "
                              f"not {self.experiment.name!r}")
         adopted = []
-        wanted = set(self.experiment.cells(self.seeds, self.variants))
+        wanted = set(self.experiment.cells())
         for cell in document.get("cells", []):
             key = (cell["variant"], cell["seed"])
             if key not in wanted or cell["scale"] != self.scale or self.cell_done(*key):
