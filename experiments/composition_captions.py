@@ -18,7 +18,9 @@ logits c + w (c_shape - u) + w (c_colour - u), w = 1; SampleConfig.concept_scale
 guided by its shape-only and colour-only captions (data.scorer.one_concept_captions; relations are sampled
 plainly) — the product of two experts that are each in distribution for a held-out pair. `one_concept_only` drops
 the full caption's term (s = 0: u + (c_shape - u) + (c_colour - u), Composable Diffusion's AND): for a held-out
-pair the full caption pulls towards the trained pairs the prior has seen with its colour.
+pair the full caption pulls towards the trained pairs the prior has seen with its colour. Relations have no
+one-concept captions, so at s = 0 they are drawn from the unconditional model: that variant's relations column
+measures nothing.
 """
 
 from dalle_jax.experiments import Claim
