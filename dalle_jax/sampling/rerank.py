@@ -235,9 +235,9 @@ def sample_and_rerank(run: LoadedRun, prompts: list[str], *, num_samples: int, t
         rules = rules if rules is not None else sharding.DEFAULT_RULES  # the sampler's default too
         params = sharding.shard_state(params, mesh, rules)
     prior = (nnx.graphdef(run.prior), params)
-    bar = tqdm(total=len(prompts) * drawn, desc="candidates", unit="sample", disable=not progress, dynamic_ncols=True)
     if concepts is not None and len(concepts) != len(prompts):
         raise SampleInputError(f"{len(concepts)} concept lists for {len(prompts)} prompts: give one per prompt")
+    bar = tqdm(total=len(prompts) * drawn, desc="candidates", unit="sample", disable=not progress, dynamic_ncols=True)
     results = []
     for p, prompt in enumerate(prompts):
         concept_ids = encode_prompts(run.tokenizer, concepts[p]) if concepts and concepts[p] else None

@@ -216,17 +216,17 @@ def decode_step(model: Prior, cache: list[dict], token: jax.Array, position: jax
 
 
 def _decode_cached(model: Prior, cache: list[dict], text: jax.Array, pad_ids: jax.Array, image: jax.Array,
-                   prefix_len: int, scales: jax.Array, static: _Static, choose: Choose, collect: bool,
+                   scales: jax.Array, static: _Static, choose: Choose, collect: bool,
                    concepts: jax.Array | None = None) -> tuple[jax.Array, list[dict], jax.Array | None]:
     """Prefill once, then one cached forward per image token.
 
-    image (B, N) int32 holds the prefix in [:, :prefix_len] (and, for teacher forcing, the tokens `choose`
+    image (B, N) int32 holds the prefix in [:, :static.prefix_len] (and, for teacher forcing, the tokens `choose`
     reads); scales = (s, w); concepts (B, K, T) or None. Returns the filled image (B, N), the cache, and with
     `collect` the guided logits (B, N, V).
     """
     c = model.config
     t, n, batch = c.text_len, c.image_len, text.shape[0]
-    guided, branches = static.guided, static.branches
+    guided, branches, prefix_len = static.guided, static.branches, static.prefix_len
 
     def logits_of(h: jax.Array) -> jax.Array:  # (B', S, d) -> (B, S, V) fp32
         logits = model.image_logits(h).astype(jnp.float32)
@@ -255,9 +255,8 @@ def _decode_cached(model: Prior, cache: list[dict], text: jax.Array, pad_ids: ja
     return image, cache, logits
 
 
-def _decode_reference(model: Prior, text: jax.Array, pad_ids: jax.Array, image: jax.Array, prefix_len: int,
-                      scales: jax.Array, static: _Static, choose: Choose, concepts: jax.Array | None = None
-                      ) -> jax.Array:
+def _decode_reference(model: Prior, text: jax.Array, pad_ids: jax.Array, image: jax.Array, scales: jax.Array,
+                      static: _Static, choose: Choose, concepts: jax.Array | None = None) -> jax.Array:
     """No cache: at every step a full forward over the whole (B', T + N) sequence buffer.
 
     Positions after the current one hold placeholder zeros; the masks are causal, so they are never seen (the
@@ -274,7 +273,7 @@ def _decode_reference(model: Prior, text: jax.Array, pad_ids: jax.Array, image: 
         token = choose(logits, j, image)
         return jax.lax.dynamic_update_slice(image, token[:, None], (0, j))
 
-    return jax.lax.fori_loop(prefix_len, c.image_len, step, image)
+    return jax.lax.fori_loop(static.prefix_len, c.image_len, step, image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,8 +303,8 @@ def _cached_sampler(graphdef: Any, static: _Static) -> Callable:
     def run(params, cache, text, pad_ids, image, sample_ids, key, scalars, concepts):
         model = nnx.merge(graphdef, nnx.State(params))
         choose = _sampler_choose(_sample_row_keys(key, sample_ids), scalars, static)
-        image, cache, _ = _decode_cached(model, cache, text, pad_ids, image, static.prefix_len, scalars[2:],
-                                         static, choose, collect=False, concepts=concepts)
+        image, cache, _ = _decode_cached(model, cache, text, pad_ids, image, scalars[2:], static, choose,
+                                         collect=False, concepts=concepts)
         return sharding.constrain(image, ("batch", None)), cache
 
     return jax.jit(run, donate_argnames=("cache",))
@@ -316,8 +315,7 @@ def _reference_sampler(graphdef: Any, static: _Static) -> Callable:
     def run(params, text, pad_ids, image, sample_ids, key, scalars, concepts):
         model = nnx.merge(graphdef, nnx.State(params))
         choose = _sampler_choose(_sample_row_keys(key, sample_ids), scalars, static)
-        return _decode_reference(model, text, pad_ids, image, static.prefix_len, scalars[2:], static, choose,
-                                 concepts)
+        return _decode_reference(model, text, pad_ids, image, scalars[2:], static, choose, concepts)
 
     return jax.jit(run)
 
@@ -327,8 +325,8 @@ def _forced_logits(graphdef: Any, static: _Static) -> Callable:
     def run(params, cache, text, pad_ids, image, scales, concepts):
         model = nnx.merge(graphdef, nnx.State(params))
         choose = lambda logits, j, image: jax.lax.dynamic_index_in_dim(image, j, 1, keepdims=False)
-        return _decode_cached(model, cache, text, pad_ids, image, static.prefix_len, scales, static, choose,
-                              collect=True, concepts=concepts)[2]
+        return _decode_cached(model, cache, text, pad_ids, image, scales, static, choose, collect=True,
+                              concepts=concepts)[2]
 
     return jax.jit(run)
 
@@ -432,12 +430,12 @@ def _check_text(text: np.ndarray, config: PriorConfig) -> np.ndarray:
     return text.astype(np.int32)
 
 
-def _check_concepts(concepts: Any, cfg_concept_scale: float, batch: int, config: PriorConfig) -> np.ndarray | None:
-    """(B, K, T) concept caption ids, validated; None when there are none or concept guidance is off (w = 0)."""
-    if concepts is None or cfg_concept_scale == 0.0:
-        if cfg_concept_scale != 0.0:
-            raise ValueError(f"concept_scale={cfg_concept_scale} needs concept captions (B, K, T) to guide with")
+def _check_concepts(concepts: Any, concept_scale: float, batch: int, config: PriorConfig) -> np.ndarray | None:
+    """(B, K, T) concept caption ids, validated; None when concept guidance is off (w = 0; any concepts ignored)."""
+    if concept_scale == 0.0:
         return None
+    if concepts is None:
+        raise ValueError(f"concept_scale={concept_scale} needs concept captions (B, K, T) to guide with")
     concepts = np.asarray(concepts)
     if concepts.ndim != 3 or concepts.shape[0] != batch or not concepts.shape[1]:
         raise ValueError(f"concept caption ids of shape {concepts.shape}: expected ({batch}, K >= 1, "
