@@ -177,14 +177,14 @@ def test_product_codes_revive_each_table_on_its_half_of_the_features():
     key = jax.random.key(int(rng.integers(1 << 30)))
     new, used = dvae_train.revive_dead_codes(params, features, key)
     assert len(used) == 2
-    for i, ((codes, embed), names) in enumerate(zip(tables, dvae_train.CODE_TABLES)):
+    for i, ((codes, embed), (encoder, decoder)) in enumerate(zip(tables, dvae_train.CODE_TABLES, strict=True)):
         alone = {"encoder": {"output": {"w": codes[None, None]}}, "decoder": {"input": {"w": embed[None, None]}}}
         half = features[..., i * n_feat // 2:(i + 1) * n_feat // 2]
         want, (want_used,) = dvae_train.revive_dead_codes(alone, half, key if i == 0 else jax.random.fold_in(key, i))
         assert int(np.sum(~np.asarray(want_used))) > 0
         np.testing.assert_array_equal(np.asarray(used[i]), np.asarray(want_used))
-        np.testing.assert_array_equal(np.asarray(new["encoder"][names[0]]["w"]), np.asarray(want["encoder"]["output"]["w"]))
-        np.testing.assert_array_equal(np.asarray(new["decoder"][names[1]]["w"]), np.asarray(want["decoder"]["input"]["w"]))
+        np.testing.assert_array_equal(new["encoder"][encoder]["w"], want["encoder"]["output"]["w"])
+        np.testing.assert_array_equal(new["decoder"][decoder]["w"], want["decoder"]["input"]["w"])
 
 
 def test_code_revival_needs_distance_logits(tmp_path):
