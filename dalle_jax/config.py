@@ -306,7 +306,8 @@ class Config:
         downsample = self.dvae.downsample
         grid = self.data.image_size // downsample if self.data.image_size % downsample == 0 else 1
         derived = dict(text_vocab_size=self.text.vocab_size, text_len=self.text.text_len, pad_mode=self.text.pad_mode,
-                       image_vocab_size=self.dvae.vocab_size, grid_size=grid)
+                       image_vocab_size=self.dvae.vocab_size, image_factor_codes=self.dvae.factor_codes,
+                       grid_size=grid)
         object.__setattr__(self, "prior", dataclasses.replace(self.prior, **derived))
         # The reranker sees the same images and BPE ids (its trainer narrows text_vocab_size to the tokenizer's).
         clip_derived = dict(image_size=self.data.image_size, text_vocab_size=self.text.vocab_size,

@@ -162,3 +162,45 @@ def test_distance_logits_pick_the_nearest_code_vector():
     assert abs(float(np.std(np.asarray(released.decoder.input.w[...]))) - 1 / np.sqrt(64)) < 0.02
     with pytest.raises(ValueError, match="dvae.logits"):
         DVAEConfig(logits="cosine")
+
+
+@pytest.mark.parametrize("logits", ["distance", "linear"])
+def test_product_codes_score_and_embed_as_sums_of_their_tables(logits):
+    """dvae.factor_codes = 8 over 64 codes: code a * 8 + b scores table 1's logit of a on the first half of the
+    features plus table 2's of b on the second half (float64 reference), and decodes from the sum of the two
+    tables' rows; the one-hot path and the token lookup agree."""
+    rng = np.random.default_rng()
+    config = DVAEConfig(**{**TINY.__dict__, "factor_codes": 8, "logits": logits})
+    model = _model(config, seed=int(rng.integers(1 << 30)))
+    images = jnp.asarray(rng.uniform(size=(2, 16, 16, 3)), jnp.float32)
+    features = np.asarray(model.encoder.features(map_pixels(images)), np.float64)
+    half = features.shape[-1] // 2
+
+    def table(conv, f):
+        w = np.asarray(conv.w[...][0, 0], np.float64)
+        return 2 * f @ w - np.sum(w**2, axis=0) if logits == "distance" else f @ w + np.asarray(conv.b[...])
+
+    first = table(model.encoder.output, features[..., :half])
+    second = table(model.encoder.output_second, features[..., half:])
+    want = (first[..., :, None] + second[..., None, :]).reshape(*first.shape[:-1], 64)
+    got = np.asarray(model.encoder(map_pixels(images)), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
+
+    rows, bias = model.decoder.code_embeddings()
+    w1, w2 = np.asarray(model.decoder.input.w[...][0, 0]), np.asarray(model.decoder.input_second.w[...][0, 0])
+    codes = rng.integers(0, 64, 10)
+    np.testing.assert_allclose(np.asarray(rows)[codes], w1[codes // 8] + w2[codes % 8], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(bias), np.asarray(model.decoder.input.b[...])
+                               + np.asarray(model.decoder.input_second.b[...]), rtol=1e-6)
+    tokens = model.encode(images)
+    via_lookup = model.decoder.decode_tokens(tokens)
+    via_one_hot = model.decoder(jax.nn.one_hot(tokens, 64))
+    np.testing.assert_allclose(np.asarray(via_lookup), np.asarray(via_one_hot), rtol=1e-5, atol=1e-5)
+
+
+def test_product_codes_must_split_the_vocabulary():
+    assert DVAEConfig(vocab_size=512, factor_codes=16).tables == (16, 32)
+    assert DVAEConfig(vocab_size=512).tables == (512,)
+    for bad in (5, 1, 512):
+        with pytest.raises(ValueError, match="factor_codes"):
+            DVAEConfig(vocab_size=512, factor_codes=bad)

@@ -148,6 +148,7 @@ def test_revived_codes_take_over_their_donor_tokens_unchanged():
     flat = features.reshape(-1, n_feat)
     picked = np.argmax(2 * flat @ codes - np.sum(codes**2, axis=0), axis=1)
     dead = np.setdiff1d(np.arange(vocab), np.unique(picked))
+    (used_after,) = used_after  # one code table
     assert int(np.sum(~np.asarray(used_after))) == len(dead) > 0
     np.testing.assert_array_equal(np.flatnonzero(~np.asarray(used_after)), dead)
     keep = np.setdiff1d(np.arange(vocab), dead)
@@ -157,6 +158,33 @@ def test_revived_codes_take_over_their_donor_tokens_unchanged():
         token = int(np.argmin(np.sum((flat - new_codes[:, c]) ** 2, axis=1)))
         np.testing.assert_allclose(new_codes[:, c], flat[token], rtol=1e-6)
         np.testing.assert_array_equal(new_embed[c], embed[picked[token]])
+
+
+def test_product_codes_revive_each_table_on_its_half_of_the_features():
+    """Two code tables (dvae.factor_codes): reviving both equals reviving each alone, as a one-table dVAE, on its
+    half of the feature channels (the second with the key folded by 1)."""
+    rng = np.random.default_rng()
+    n_feat, n_init, sizes = 8, 5, (6, 10)
+    tables = []
+    for size in sizes:
+        codes = rng.normal(size=(n_feat // 2, size)).astype(np.float32) * 0.01 - 50.0
+        codes[:, rng.choice(size, 2, replace=False)] = rng.normal(size=(n_feat // 2, 2))
+        tables.append((codes, rng.normal(size=(size, n_init)).astype(np.float32)))
+    (c1, e1), (c2, e2) = tables
+    params = {"encoder": {"output": {"w": c1[None, None]}, "output_second": {"w": c2[None, None]}},
+              "decoder": {"input": {"w": e1[None, None]}, "input_second": {"w": e2[None, None]}}}
+    features = jax.numpy.asarray(np.abs(rng.normal(size=(2, 3, 4, n_feat))).astype(np.float32))
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    new, used = dvae_train.revive_dead_codes(params, features, key)
+    assert len(used) == 2
+    for i, ((codes, embed), (encoder, decoder)) in enumerate(zip(tables, dvae_train.CODE_TABLES, strict=True)):
+        alone = {"encoder": {"output": {"w": codes[None, None]}}, "decoder": {"input": {"w": embed[None, None]}}}
+        half = features[..., i * n_feat // 2:(i + 1) * n_feat // 2]
+        want, (want_used,) = dvae_train.revive_dead_codes(alone, half, key if i == 0 else jax.random.fold_in(key, i))
+        assert int(np.sum(~np.asarray(want_used))) > 0
+        np.testing.assert_array_equal(np.asarray(used[i]), np.asarray(want_used))
+        np.testing.assert_array_equal(new["encoder"][encoder]["w"], want["encoder"]["output"]["w"])
+        np.testing.assert_array_equal(new["decoder"][decoder]["w"], want["decoder"]["input"]["w"])
 
 
 def test_code_revival_needs_distance_logits(tmp_path):

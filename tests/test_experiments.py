@@ -40,7 +40,8 @@ def _changed_fields(a: config_lib.Config, b: config_lib.Config) -> set[str]:
 
 
 # The prior's and reranker's fields Config.__post_init__ derives from the text, dvae and data sections.
-DERIVED = {f"prior.{k}" for k in ("text_vocab_size", "text_len", "pad_mode", "image_vocab_size", "grid_size")} | {
+DERIVED = {f"prior.{k}" for k in ("text_vocab_size", "text_len", "pad_mode", "image_vocab_size",
+                                  "image_factor_codes", "grid_size")} | {
     f"clip.{k}" for k in ("image_size", "text_vocab_size", "text_len", "pad_mode")}
 
 

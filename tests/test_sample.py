@@ -107,6 +107,20 @@ def test_cached_sampler_draws_the_reference_tokens(cfg):
     assert not np.array_equal(cached, sample_tokens(model, text, seed + 1, cfg, pad_ids=PADS))
 
 
+def test_product_head_prior_samples_the_reference_tokens():
+    """A prior over product codes (4 x 8 image codes, a head per table): the cached sampler draws what a full
+    forward per step draws, and its cached logits equal the full forward's."""
+    config = dataclasses.replace(SPARSE, image_factor_codes=4)
+    model = _model(config)
+    rng = np.random.default_rng()
+    text, image = _captions(2, rng, config), _images(2, rng, config)
+    assert _max_relative_error(cached_logits(model, text, image), _full_forward_logits(model, text, image)) <= 1e-5
+    seed = int(rng.integers(2**31))
+    cached = sample_tokens(model, text, seed, FILTERED_GUIDED, pad_ids=PADS)
+    np.testing.assert_array_equal(cached, sample_reference(model, text, seed, FILTERED_GUIDED, pad_ids=PADS))
+    assert len(np.unique(cached)) > 4
+
+
 def test_sample_does_not_depend_on_its_batch():
     """Sample i of a call with sample_offset o is the seed's sample o + i, whatever else is in the batch: drawn
     alone (batch 1, offset o + i) it is bit-for-bit the same tokens. The same prompt at another index is another

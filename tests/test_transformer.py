@@ -235,3 +235,34 @@ def test_info_per_device_memory_matches_a_real_sharded_init():
     assert f"{memory['params']:,} parameters" in text and "error" not in text
     bad = describe(config_lib.resolve("quick", ["mesh.ici_parallelism=1,1,8"]), 8)  # 2 heads over tensor=8
     assert "error: dimension 2 does not divide" in bad
+
+
+def test_product_head_embeds_and_scores_image_tokens_per_table():
+    """image_factor_codes = 4 over 24 codes (4 x 6): token t embeds as row t // 6 of the first table plus row
+    t % 6 of the second, its logit is the sum of the two heads' logits, so the image distribution is the product
+    of two softmaxes (float64 reference); product_head=False keeps one row and one logit per code."""
+    config = dataclasses.replace(TINY, image_factor_codes=4)
+    assert config.image_tables == (4, 6)
+    assert dataclasses.replace(config, product_head=False).image_tables == (24,)
+    rng = np.random.default_rng()
+    model = _model(config, seed=int(rng.integers(1 << 30)))
+    tokens = jnp.asarray(rng.integers(0, 24, (3, 7)))
+    want = (np.asarray(model.image_embed[...])[np.asarray(tokens) // 6]
+            + np.asarray(model.image_embed_second[...])[np.asarray(tokens) % 6])
+    np.testing.assert_allclose(np.asarray(model.image_token_embed(tokens)), want, rtol=1e-6)
+
+    text, image = _random_inputs(config, 2, rng)
+    hidden, _ = model.forward(model.input_tokens(text, image))
+    h = np.asarray(hidden, np.float64)
+    first = h @ np.asarray(model.image_head[...], np.float64)
+    second = h @ np.asarray(model.image_head_second[...], np.float64)
+    logits = np.asarray(model.image_logits(hidden), np.float64)
+    np.testing.assert_allclose(logits, (first[..., :, None] + second[..., None, :]).reshape(*h.shape[:2], 24),
+                               rtol=1e-5, atol=1e-5)
+    log_p = logits - np.log(np.sum(np.exp(logits), axis=-1, keepdims=True))
+    log_p1 = first - np.log(np.sum(np.exp(first), axis=-1, keepdims=True))
+    log_p2 = second - np.log(np.sum(np.exp(second), axis=-1, keepdims=True))
+    np.testing.assert_allclose(log_p, (log_p1[..., :, None] + log_p2[..., None, :]).reshape(log_p.shape),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="image_factor_codes"):
+        dataclasses.replace(TINY, image_factor_codes=5)

@@ -51,6 +51,14 @@ class DVAEConfig:
     # Std of the decoder's 1x1 input conv (the code embeddings); 0 = the release's 1/sqrt(vocab). At 1/sqrt(512)
     # one-hot codes barely differ at the decoder's input, so a short run cannot tell them apart.
     codebook_init_std: float = 0.0
+    # Product codes (not in the paper; issue 17): 0 = one table of `vocab_size` codes, the release. A > 0: code
+    # c is the pair (c // (vocab_size / A), c % (vocab_size / A)) of a code from a table of A and one from a table
+    # of vocab_size / A. Each table quantises its half of the encoder's feature channels (product quantisation),
+    # so a code's logit and its decoder embedding are sums of the two tables' entries. With 4 px tokens a code
+    # of one table holds an object's colour and local shape together, and a held-out colour/shape pair needs
+    # codes no training image uses; with two tables the pair can be a combination of entries that training did
+    # use, if the tables split along colour and shape (measured in experiments/composition_tokens.py).
+    factor_codes: int = 0
 
     def __post_init__(self):
         if self.pooling not in ("max", "avg"):
@@ -63,6 +71,17 @@ class DVAEConfig:
             raise ConfigError("dvae.group_count and dvae.blocks_per_group must be >= 1")
         if self.n_hid % 4 or self.n_init < 1:
             raise ConfigError(f"dvae.n_hid={self.n_hid} must be a multiple of 4 (blocks use n_out // 4)")
+        if self.factor_codes and (self.factor_codes < 2 or self.vocab_size % self.factor_codes
+                                  or self.vocab_size // self.factor_codes < 2):
+            raise ConfigError(f"dvae.factor_codes={self.factor_codes} must divide dvae.vocab_size="
+                              f"{self.vocab_size} into two tables of >= 2 codes each (0 = one table)")
+
+    @property
+    def tables(self) -> tuple[int, ...]:
+        """Codes per table: (vocab_size,) for one table, (A, vocab_size / A) for product codes."""
+        if self.factor_codes:
+            return (self.factor_codes, self.vocab_size // self.factor_codes)
+        return (self.vocab_size,)
 
     @property
     def downsample(self) -> int:
@@ -159,8 +178,13 @@ class Encoder(nnx.Module):
         self.groups = nnx.List([
             Group(config.n_hid if g == 0 else widths[g - 1], widths[g], config, (3, 3, 3, 1), rngs=rngs)
             for g in range(config.group_count)])
-        # The output conv stays fp32, as in the release: logits feed argmax and the KL.
-        self.output = Conv(widths[-1], config.vocab_size, 1, rngs=rngs, dtype="float32")
+        # The output conv stays fp32, as in the release: logits feed argmax and the KL. Product codes: one conv
+        # per table, each reading its half of the features.
+        tables = config.tables
+        width = widths[-1] // len(tables)
+        self.output = Conv(width, tables[0], 1, rngs=rngs, dtype="float32")
+        if len(tables) == 2:
+            self.output_second = Conv(width, tables[1], 1, rngs=rngs, dtype="float32")
 
     def features(self, x: jax.Array) -> jax.Array:
         """The (B, h, w, C) ReLU features the output conv turns into logits."""
@@ -173,11 +197,21 @@ class Encoder(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         features = self.features(x)
+        if not self.config.factor_codes:
+            return constrain(self._table_logits(self.output, features), ACTIVATION_AXES)
+        # Code (a, b) = a * |b table| + b scores the sum of its tables' logits: the posterior is the product of
+        # one categorical per table.
+        half = features.shape[-1] // 2
+        first = self._table_logits(self.output, features[..., :half])
+        second = self._table_logits(self.output_second, features[..., half:])
+        logits = (first[..., :, None] + second[..., None, :]).reshape(*first.shape[:-1], -1)
+        return constrain(logits, ACTIVATION_AXES)
+
+    def _table_logits(self, conv: Conv, features: jax.Array) -> jax.Array:
         if self.config.logits == "distance":  # -||f - e_c||^2 + ||f||^2; the output bias is unused
-            codes = self.output.w[...][0, 0]  # (C, K): column c is code c's vector
-            logits = 2 * jnp.einsum("bhwc,ck->bhwk", features, codes) - jnp.sum(jnp.square(codes), axis=0)
-            return constrain(logits, ACTIVATION_AXES)
-        return constrain(self.output(features), ACTIVATION_AXES)
+            codes = conv.w[...][0, 0]  # (C, K): column c is code c's vector
+            return 2 * jnp.einsum("bhwc,ck->bhwk", features, codes) - jnp.sum(jnp.square(codes), axis=0)
+        return conv(features)
 
 
 class Decoder(nnx.Module):
@@ -186,20 +220,35 @@ class Decoder(nnx.Module):
     def __init__(self, config: DVAEConfig, *, rngs: nnx.Rngs, output_channels: int = 3):
         self.config = config
         widths = [config.n_hid * 2 ** (config.group_count - 1 - g) for g in range(config.group_count)]
-        self.input = Conv(config.vocab_size, config.n_init, 1, rngs=rngs, dtype="float32",
-                          std=config.codebook_init_std)
+        tables = config.tables
+        self.input = Conv(tables[0], config.n_init, 1, rngs=rngs, dtype="float32", std=config.codebook_init_std)
+        if len(tables) == 2:  # product codes: code (a, b) embeds as the sum of its tables' rows
+            self.input_second = Conv(tables[1], config.n_init, 1, rngs=rngs, dtype="float32",
+                                     std=config.codebook_init_std)
         self.groups = nnx.List([
             Group(config.n_init if g == 0 else widths[g - 1], widths[g], config, (1, 3, 3, 3), rngs=rngs)
             for g in range(config.group_count)])
         self.output = Conv(widths[-1], 2 * output_channels, 1, rngs=rngs, dtype=config.compute_dtype)
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        return self._body(self.input(z))
+        if not self.config.factor_codes:
+            return self._body(self.input(z))
+        w, b = self.code_embeddings()
+        return self._body(jnp.einsum("bhwk,kn->bhwn", z, w, preferred_element_type=jnp.float32) + b)
 
     def decode_tokens(self, tokens: jax.Array) -> jax.Array:
         """Tokens (B, h, w) int -> decoder output; the 1x1 input conv of a one-hot is a row lookup."""
-        w = self.input.w[...][0, 0]  # (vocab, n_init)
-        return self._body(w[tokens] + self.input.b[...])
+        w, b = self.code_embeddings()
+        return self._body(w[tokens] + b)
+
+    def code_embeddings(self) -> tuple[jax.Array, jax.Array]:
+        """(vocab, n_init) rows and the (n_init,) bias the decoder's input conv gives each code's one-hot."""
+        w, b = self.input.w[...][0, 0], self.input.b[...]
+        if self.config.factor_codes:
+            second = self.input_second.w[...][0, 0]
+            w = (w[:, None, :] + second[None, :, :]).reshape(-1, w.shape[-1])
+            b = b + self.input_second.b[...]
+        return w, b
 
     def _body(self, x: jax.Array) -> jax.Array:
         for g, group in enumerate(self.groups):

@@ -58,6 +58,14 @@ class PriorConfig:
     # "per_position" (paper): one learned pad per text position; "shared": one pad id (the ablation).
     pad_mode: str = "per_position"
     image_vocab_size: int = 8192
+    # Product codes (dvae.factor_codes; not in the paper, issue 17): with A > 0 an image token t is the pair
+    # (t // (V / A), t % (V / A)) and `product_head` (below) decides how the prior sees it. Derived, like the vocab.
+    image_factor_codes: int = 0
+    # With product codes: True embeds a token as the sum of one row per table and predicts it as the sum of one
+    # logit per table, so p(token) = p(first) p(second) given the context, and a pair of entries that training
+    # used in other pairs gets the product of their probabilities (with one row per code, a code no training image
+    # uses is only ever pushed down). False: one row and one logit per code, as the paper (the ablation).
+    product_head: bool = True
     grid_size: int = 32
     d_model: int = 3968
     n_layers: int = 64
@@ -103,6 +111,9 @@ class PriorConfig:
                               f"type for every layer: {masks_lib.LAYER_TYPES}")
         if self.conv_kernel < 1 or self.conv_kernel % 2 != 1:
             raise ConfigError(f"prior.conv_kernel={self.conv_kernel} must be a positive odd number")
+        if self.image_factor_codes and (self.image_factor_codes < 2 or self.image_vocab_size % self.image_factor_codes):
+            raise ConfigError(f"prior.image_factor_codes={self.image_factor_codes} must divide image_vocab_size="
+                              f"{self.image_vocab_size} (it is derived from dvae.factor_codes: set that)")
         if min(self.n_layers, self.n_heads, self.head_dim, self.d_model, self.mlp_ratio) < 1:
             raise ConfigError("prior.n_layers, n_heads, head_dim, d_model and mlp_ratio must be >= 1")
 
@@ -110,6 +121,13 @@ class PriorConfig:
     def text_rows(self) -> int:
         """Rows of the text embedding: BPE ids + pads (matches TextTokenizer.embedding_size)."""
         return self.text_vocab_size + (self.text_len if self.pad_mode == "per_position" else 1)
+
+    @property
+    def image_tables(self) -> tuple[int, ...]:
+        """Rows per image embedding table (and logits per head): (V,), or (A, V / A) with a product head."""
+        if self.image_factor_codes and self.product_head:
+            return (self.image_factor_codes, self.image_vocab_size // self.image_factor_codes)
+        return (self.image_vocab_size,)
 
     @property
     def image_len(self) -> int:
@@ -180,14 +198,19 @@ class Prior(nnx.Module):
         self.start_embed = _param(rngs, (d,), std, ("embed",))
         self.text_embed = _param(rngs, (c.text_rows, d), std, ("vocab", "embed"))
         self.text_pos = _param(rngs, (c.text_len, d), std, (None, "embed"))
-        self.image_embed = _param(rngs, (c.image_vocab_size, d), std, ("vocab", "embed"))
+        tables = c.image_tables
+        self.image_embed = _param(rngs, (tables[0], d), std, ("vocab", "embed"))
+        if len(tables) == 2:
+            self.image_embed_second = _param(rngs, (tables[1], d), std, ("vocab", "embed"))
         self.row_embed = _param(rngs, (c.grid_size, d), std, (None, "embed"))
         self.col_embed = _param(rngs, (c.grid_size, d), std, (None, "embed"))
         self.layers = layer_stack(rngs, n, d, h, k, f, std, key_bias=True)
         self.final_scale = _ones((d,), ("embed",))
         self.final_bias = _param(rngs, (d,), 0, ("embed",))
         self.text_head = _param(rngs, (d, c.text_vocab_size), std, ("embed", "vocab"))
-        self.image_head = _param(rngs, (d, c.image_vocab_size), std, ("embed", "vocab"))
+        self.image_head = _param(rngs, (d, tables[0]), std, ("embed", "vocab"))
+        if len(tables) == 2:
+            self.image_head_second = _param(rngs, (d, tables[1]), std, ("embed", "vocab"))
 
     # ---------------------------------------------------------------------------------------------- inputs
 
@@ -198,11 +221,18 @@ class Prior(nnx.Module):
         text = (self.text_embed[...][jnp.clip(tokens, 0, c.text_rows - 1)]
                 + self.text_pos[...][jnp.clip(positions - 1, 0, c.text_len - 1)])
         cell = jnp.clip(positions - c.text_len - 1, 0, c.image_len - 1)
-        image = (self.image_embed[...][jnp.clip(tokens, 0, c.image_vocab_size - 1)]
+        image = (self.image_token_embed(jnp.clip(tokens, 0, c.image_vocab_size - 1))
                  + self.row_embed[...][cell // c.grid_size] + self.col_embed[...][cell % c.grid_size])
         x = jnp.where(is_text[None, :, None], text, image)
         x = jnp.where((positions == 0)[None, :, None], self.start_embed[...], x)
         return constrain(x, RESIDUAL)
+
+    def image_token_embed(self, tokens: jax.Array) -> jax.Array:
+        """Image tokens (...) -> (..., d): one row, or with a product head the sum of a row from each table."""
+        tables = self.config.image_tables
+        if len(tables) == 1:
+            return self.image_embed[...][tokens]
+        return self.image_embed[...][tokens // tables[1]] + self.image_embed_second[...][tokens % tables[1]]
 
     @staticmethod
     def input_tokens(text: jax.Array, image: jax.Array) -> jax.Array:
@@ -266,7 +296,11 @@ class Prior(nnx.Module):
         return constrain(jnp.einsum("bsd,dv->bsv", h, self.text_head[...]), ("batch", "length", "vocab"))
 
     def image_logits(self, h: jax.Array) -> jax.Array:
-        return constrain(jnp.einsum("bsd,dv->bsv", h, self.image_head[...]), ("batch", "length", "vocab"))
+        logits = jnp.einsum("bsd,dv->bsv", h, self.image_head[...])
+        if len(self.config.image_tables) == 2:  # token (a, b) scores logit_a + logit_b: a product of two softmaxes
+            second = jnp.einsum("bsd,dv->bsv", h, self.image_head_second[...])
+            logits = (logits[..., :, None] + second[..., None, :]).reshape(*logits.shape[:-1], -1)
+        return constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(self, text: jax.Array, image: jax.Array, dropout_key: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array]:

@@ -95,16 +95,31 @@ def dvae_loss(model: DVAE, batch: dict, key: jax.Array, step: jax.Array, cfg: DV
 
 # ------------------------------------------------------------------------------------------------ code revival
 
-def revive_dead_codes(params: dict, features: jax.Array, key: jax.Array) -> tuple[dict, jax.Array]:
-    """Moves every code that no token of `features` (B, h, w, C) picks onto a token of the batch.
+# (encoder output conv, decoder input conv) of each code table: one, or two for product codes (dvae.factor_codes)
+CODE_TABLES = (("output", "input"), ("output_second", "input_second"))
+
+
+def revive_dead_codes(params: dict, features: jax.Array, key: jax.Array) -> tuple[dict, tuple[jax.Array, ...]]:
+    """Moves every code that no token of `features` (B, h, w, C) picks onto a token of the batch, per code table
+    (product codes: each table quantises its half of the channels, so each is revived on its half).
 
     For the "distance" logits: code c's vector is column c of the encoder's output conv. A revived code gets a
     donor token's feature f_t as its vector (distance 0, so it wins t) and the decoder embedding of the code t
     picks now (so t decodes as before). Donors are drawn with probability proportional to their squared distance
     to their current code (k-means++ seeding): badly quantised tokens (object edges) rather than the background.
-    Returns (params, the (K,) bool mask of codes that were in use, i.e. kept).
+    Returns (params, per table the (K,) bool mask of codes that were in use, i.e. kept).
     """
-    codes, embed = _codebook(params)  # (C, K), (K, n_init)
+    tables = [table for table in CODE_TABLES if table[0] in params["encoder"]]
+    used = []
+    for i, (table, part) in enumerate(zip(tables, jnp.split(features, len(tables), axis=-1), strict=True)):
+        params, kept = _revive_table(params, table, part, key if i == 0 else jax.random.fold_in(key, i))
+        used.append(kept)
+    return params, tuple(used)
+
+
+def _revive_table(params: dict, table: tuple[str, str], features: jax.Array, key: jax.Array
+                  ) -> tuple[dict, jax.Array]:
+    codes, embed = _codebook(params, table)  # (C, K), (K, n_init)
     flat = features.reshape(-1, features.shape[-1]).astype(jnp.float32)  # (N, C)
     logits = 2 * flat @ codes - jnp.sum(jnp.square(codes), axis=0)
     picked = jnp.argmax(logits, axis=-1)  # (N,)
@@ -114,18 +129,20 @@ def revive_dead_codes(params: dict, features: jax.Array, key: jax.Array) -> tupl
     donors = jax.random.choice(key, flat.shape[0], (codes.shape[1],), p=p)  # one donor per code
     new_codes = jnp.where(used[None, :], codes, flat[donors].T)
     new_embed = jnp.where(used[:, None], embed, embed[picked[donors]])
-    return _with_codebook(params, new_codes, new_embed), used
+    return _with_codebook(params, table, new_codes, new_embed), used
 
 
-def _codebook(params: dict) -> tuple[jax.Array, jax.Array]:
-    """(code vectors (C, K), decoder embeddings (K, n_init)) of a dVAE's params."""
-    return params["encoder"]["output"]["w"][0, 0], params["decoder"]["input"]["w"][0, 0]
+def _codebook(params: dict, table: tuple[str, str] = CODE_TABLES[0]) -> tuple[jax.Array, jax.Array]:
+    """(code vectors (C, K), decoder embeddings (K, n_init)) of one code table of a dVAE's params."""
+    encoder, decoder = table
+    return params["encoder"][encoder]["w"][0, 0], params["decoder"][decoder]["w"][0, 0]
 
 
-def _with_codebook(params: dict, codes: jax.Array, embed: jax.Array) -> dict:
+def _with_codebook(params: dict, table: tuple[str, str], codes: jax.Array, embed: jax.Array) -> dict:
+    encoder, decoder = table
     return {**params,
-            "encoder": {**params["encoder"], "output": {**params["encoder"]["output"], "w": codes[None, None]}},
-            "decoder": {**params["decoder"], "input": {**params["decoder"]["input"], "w": embed[None, None]}}}
+            "encoder": {**params["encoder"], encoder: {**params["encoder"][encoder], "w": codes[None, None]}},
+            "decoder": {**params["decoder"], decoder: {**params["decoder"][decoder], "w": embed[None, None]}}}
 
 
 def with_code_revival(train_step: Any, spec: loop.StateSpec, mesh, cfg: DVAETrainConfig) -> Any:
@@ -140,10 +157,12 @@ def with_code_revival(train_step: Any, spec: loop.StateSpec, mesh, cfg: DVAETrai
         features = model.encoder.features(map_pixels(images.astype(jnp.float32) / 255.0))
         params, used = revive_dead_codes(state["params"], features, key)
         # The EMA takes the revived codes as they are (an average with the dead vector would be neither).
-        (codes, embed), (ema_codes, ema_embed) = _codebook(params), _codebook(state["ema_params"])
-        ema = _with_codebook(state["ema_params"], jnp.where(used[None, :], ema_codes, codes),
-                             jnp.where(used[:, None], ema_embed, embed))
-        return {**state, "params": params, "ema_params": ema}, jnp.sum(~used)
+        ema = state["ema_params"]
+        for table, kept in zip(CODE_TABLES, used, strict=False):
+            (codes, embed), (ema_codes, ema_embed) = _codebook(params, table), _codebook(ema, table)
+            ema = _with_codebook(ema, table, jnp.where(kept[None, :], ema_codes, codes),
+                                 jnp.where(kept[:, None], ema_embed, embed))
+        return {**state, "params": params, "ema_params": ema}, sum(jnp.sum(~kept) for kept in used)
 
     done = {"step": None}  # host-side step count (read once from the state: resume-safe, no per-step sync)
 

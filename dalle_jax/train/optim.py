@@ -28,7 +28,8 @@ TrainSection = DVAETrainConfig | PriorTrainConfig | ClipTrainConfig
 
 # Parameters AdamW decays, by name (the last key of their path). Everything else (gains, biases, embeddings, CLIP's
 # temperature) is not decayed.
-DECAYED_PRIOR = frozenset({"wq", "wk", "wv", "wo", "w1", "w2", "text_head", "image_head"})
+DECAYED_PRIOR = frozenset({"wq", "wk", "wv", "wo", "w1", "w2", "text_head", "image_head",
+                           "image_head_second"})
 DECAYED_CLIP = frozenset({"wq", "wk", "wv", "wo", "w1", "w2", "patch_embed", "image_proj", "text_proj"})
 
 

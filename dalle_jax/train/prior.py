@@ -199,7 +199,9 @@ def make_evaluator(spec: loop.StateSpec, mesh, rules, source, tokenizer: TextTok
 
 
 def spec_vocab(spec: loop.StateSpec) -> int:
-    return spec.abstract["params"]["image_head"].shape[-1]
+    """Image vocabulary: the head's logits, or the product of both heads' with product codes."""
+    params = spec.abstract["params"]
+    return math.prod(params[name].shape[-1] for name in ("image_head", "image_head_second") if name in params)
 
 
 # ------------------------------------------------------------------------------------------------ driver
