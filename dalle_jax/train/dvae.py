@@ -132,7 +132,7 @@ def _revive_table(params: dict, table: tuple[str, str], features: jax.Array, key
     return _with_codebook(params, table, new_codes, new_embed), used
 
 
-def _codebook(params: dict, table: tuple[str, str] = CODE_TABLES[0]) -> tuple[jax.Array, jax.Array]:
+def _codebook(params: dict, table: tuple[str, str]) -> tuple[jax.Array, jax.Array]:
     """(code vectors (C, K), decoder embeddings (K, n_init)) of one code table of a dVAE's params."""
     encoder, decoder = table
     return params["encoder"][encoder]["w"][0, 0], params["decoder"][decoder]["w"][0, 0]
