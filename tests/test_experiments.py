@@ -3,6 +3,7 @@ statistics (t-intervals, verdicts) and the CLIP Fréchet distance against refere
 through the CLI (cells share upstream stages, a rerun skips finished cells, a SIGTERM'd cell resumes, the report
 has intervals and a verdict per claim)."""
 
+import dataclasses
 import datetime
 import json
 import math
@@ -386,6 +387,38 @@ def test_published_cells_with_this_runs_config_are_adopted_and_changed_ones_run_
         runner.adopt(tmp_path / "other.json")
     missing = _cli("run", str(path), "--quick", "--out", str(tmp_path / "out"), "--resume-published")
     assert missing.returncode == 2 and "sweep.json does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_cells_another_experiment_published_count_where_their_config_is_this_runs(quick_sweep, tmp_path):
+    """--adopt-from: a published cell of another experiment is taken for each cell of this one with the same seed,
+    scale, sampling and config, under this experiment's variant name; not when it lacks a metric this experiment
+    reports; and never from an experiment with another evaluation."""
+    path, out, _ = quick_sweep
+    sweep = spec.load(str(path))
+    published = json.loads((out / "results.json").read_text())
+    other = dataclasses.replace(
+        sweep, name="other", sampling={},
+        variants={"baseline": ["prior_train.text_loss_weight=0.125"], "heavier": ["prior_train.text_loss_weight=0.3"]},
+        claims=(Claim("heavier", a=("heavier", "prior/eval/text_loss"), b=("baseline", "prior/eval/text_loss"),
+                      expect="lower"),))
+    runner = Runner(other, "quick", tmp_path / "out", progress=False)
+    # weight_eighth is baseline; weight_half (1/2, guided) is no cell of this experiment
+    assert sorted(runner.adopt(out / "results.json", sweep)) == [("baseline", 0), ("baseline", 1)]
+    for seed in (0, 1):
+        result = runner.result("baseline", seed)
+        original = next(c for c in published["cells"] if (c["variant"], c["seed"]) == ("weight_eighth", seed))
+        assert result["metrics"] == original["metrics"]
+        assert (result["experiment"], result["variant"]) == ("other", "baseline")
+        assert result["adopted_from"].endswith(f"(sweep weight_eighth/seed{seed})")
+    assert runner.adopt(out / "results.json", sweep) == []  # already finished here
+    wider = dataclasses.replace(other, metrics=(*other.metrics, "caption/not_measured"))
+    assert Runner(wider, "quick", tmp_path / "wider", progress=False).adopt(out / "results.json", sweep) == []
+    graded_apart = dataclasses.replace(other, evaluation={"quick": {"num_samples": 3}})
+    with pytest.raises(ValueError, match="another evaluation"):
+        Runner(graded_apart, "quick", tmp_path / "apart", progress=False).adopt(out / "results.json", sweep)
+    missing = _cli("run", str(path), "--quick", "--out", str(tmp_path / "cli"), "--adopt-from", "no_such_experiment")
+    assert missing.returncode == 2 and "no_such_experiment.json does not exist" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
 
 

@@ -24,6 +24,7 @@ examples:
   dalle-jax experiment run dvae_kl_weight                 # -> runs/experiments/dvae_kl_weight/cpu
   dalle-jax experiment run prior_attention --quick --seeds 0,1
   dalle-jax experiment run composition_compute --resume-published   # continue a sweep published elsewhere
+  dalle-jax experiment run composition_preset --adopt-from composition_dvae   # its demo cells ran there
   dalle-jax experiment report dvae_kl_weight --publish    # also -> experiments/results/dvae_kl_weight.*
 """
 
@@ -55,6 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              help="count the cells of experiments/results/NAME.json whose variant, seed, scale and "
                                   "config equal this run's as finished (each keeps its date and commit): a sweep "
                                   "longer than one machine's session continues on another")
+            sub.add_argument("--adopt-from", metavar="NAMES",
+                             help="comma-separated other experiments: count their published cells whose seed, scale, "
+                                  "sampling and config equal one of this run's cells as finished (a baseline two "
+                                  "experiments share is trained once; both must run the same stages and evaluation)")
         sub.set_defaults(func=func)
 
 
@@ -119,6 +124,15 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(f"--resume-published: {published} does not exist; publish a report first "
                              f"(`dalle-jax experiment report {runner.experiment.name} --publish`) or drop the flag")
         adopted = runner.adopt(published)
+        print(f"{runner.experiment.name}: {len(adopted)} cells taken from {published}", file=sys.stderr)
+    for name in filter(None, (args.adopt_from or "").split(",")):
+        published = spec.default_directory() / "results" / f"{name}.json"
+        if not published.is_file():
+            raise InputError(f"--adopt-from {name}: {published} does not exist (see `dalle-jax experiment list`)")
+        try:
+            adopted = runner.adopt(published, spec.load(name))
+        except ValueError as error:
+            raise InputError(f"--adopt-from {name}: {error}") from None
         print(f"{runner.experiment.name}: {len(adopted)} cells taken from {published}", file=sys.stderr)
     try:
         runner.run()

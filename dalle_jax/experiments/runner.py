@@ -124,30 +124,48 @@ class Runner:
     def result(self, variant: str, seed: int) -> dict:
         return json.loads((self.cell_dir(variant, seed) / RESULT).read_text())
 
-    def adopt(self, published: Path) -> list[tuple[str, int]]:
+    def adopt(self, published: Path, source: Experiment | None = None) -> list[tuple[str, int]]:
         """Takes the cells of a published results.json (`experiment report --publish`) that this run would compute
         identically (same variant, seed, scale, sampling and config, the dataset's location aside) as finished,
         writing each into its cell directory with `adopted_from`; returns them. Every cell of the experiment is
         adopted, not only this run's seeds and variants: a run of a subset reports (and publishes) them too. A
-        published cell whose config differs (the experiment or a preset changed since) is logged and left to run."""
+        published cell whose config differs (the experiment or a preset changed since) is logged and left to run.
+
+        With `source` (another experiment, whose results `published` holds): a cell of it counts for every cell of
+        this experiment with the same seed, scale, sampling and config, under whatever variant names — a cell is
+        what its config computes. The two must run the same stages and evaluation, and the cell must hold every
+        metric this experiment reports."""
         document = json.loads(Path(published).read_text())
-        if document.get("experiment") != self.experiment.name:
-            raise ValueError(f"{published} holds experiment {document.get('experiment')!r}, "
-                             f"not {self.experiment.name!r}")
+        source = source or self.experiment
+        if document.get("experiment") != source.name:
+            raise ValueError(f"{published} holds experiment {document.get('experiment')!r}, not {source.name!r}")
+        other = source is not self.experiment
+        if other and (source.stages != self.experiment.stages
+                      or source.evaluation.get(self.scale) != self.experiment.evaluation.get(self.scale)):
+            raise ValueError(f"experiment {source.name} runs other stages or another evaluation than "
+                             f"{self.experiment.name} at scale {self.scale}: its cells are not this experiment's")
         adopted = []
         wanted = set(self.experiment.cells())
         for cell in document.get("cells", []):
-            key = (cell["variant"], cell["seed"])
-            if key not in wanted or cell["scale"] != self.scale or self.cell_done(*key):
-                continue
-            if (not _same_config(cell["config"], self.experiment.config(*key, self.scale))
-                    or cell.get("sampling", {}) != self.experiment.sampling.get(key[0], {})):
-                log.warning("%s: published cell %s/seed%d ran another config; it runs again", self.experiment.name,
-                            *key)
-                continue
-            self.cell_dir(*key).mkdir(parents=True, exist_ok=True)
-            _write_json(self.cell_dir(*key) / RESULT, {**cell, "adopted_from": str(published)})
-            adopted.append(key)
+            seed = cell["seed"]
+            keys = ([(v, seed) for v in self.experiment.variants] if other else [(cell["variant"], seed)])
+            for key in keys:
+                if key not in wanted or cell["scale"] != self.scale or self.cell_done(*key):
+                    continue
+                same = (_same_config(cell["config"], self.experiment.config(*key, self.scale))
+                        and cell.get("sampling", {}) == self.experiment.sampling.get(key[0], {}))
+                if other:
+                    same = same and set(self.experiment.metrics) <= set(cell["metrics"])
+                elif not same:
+                    log.warning("%s: published cell %s/seed%d ran another config; it runs again",
+                                self.experiment.name, *key)
+                if not same:
+                    continue
+                origin = f"{published} ({source.name} {cell['variant']}/seed{seed})" if other else str(published)
+                self.cell_dir(*key).mkdir(parents=True, exist_ok=True)
+                _write_json(self.cell_dir(*key) / RESULT, {**cell, "experiment": self.experiment.name,
+                                                           "variant": key[0], "adopted_from": origin})
+                adopted.append(key)
         return adopted
 
     # ---- one cell
@@ -258,6 +276,7 @@ def _set_fields(values: dict, config: Config) -> dict:
     existed."""
     values = json.loads(json.dumps(values, default=str))
     values["data"].pop("data_dir", None)
+    values.pop("name", None)  # the preset's name labels a config; it trains nothing
     reduced = {}
     for name, section in values.items():
         if isinstance(section, dict) and dataclasses.is_dataclass(getattr(config, name, None)):
