@@ -392,8 +392,8 @@ def test_published_cells_with_this_runs_config_are_adopted_and_changed_ones_run_
 
 def test_cells_another_experiment_published_count_where_their_config_is_this_runs(quick_sweep, tmp_path):
     """--adopt-from: a published cell of another experiment is taken for each cell of this one with the same seed,
-    scale, sampling and config, under this experiment's variant name; not when it lacks a metric this experiment
-    reports; and never from an experiment with another evaluation."""
+    scale, sampling and config, under this experiment's variant name; not when it samples otherwise; and never
+    from an experiment with another evaluation."""
     path, out, _ = quick_sweep
     sweep = spec.load(str(path))
     published = json.loads((out / "results.json").read_text())
@@ -412,8 +412,8 @@ def test_cells_another_experiment_published_count_where_their_config_is_this_run
         assert (result["experiment"], result["variant"]) == ("other", "baseline")
         assert result["adopted_from"].endswith(f"(sweep weight_eighth/seed{seed})")
     assert runner.adopt(out / "results.json", sweep) == []  # already finished here
-    wider = dataclasses.replace(other, metrics=(*other.metrics, "caption/not_measured"))
-    assert Runner(wider, "quick", tmp_path / "wider", progress=False).adopt(out / "results.json", sweep) == []
+    guided = dataclasses.replace(other, sampling={"baseline": {"cfg_scale": 3.0}})
+    assert Runner(guided, "quick", tmp_path / "guided", progress=False).adopt(out / "results.json", sweep) == []
     graded_apart = dataclasses.replace(other, evaluation={"quick": {"num_samples": 3}})
     with pytest.raises(ValueError, match="another evaluation"):
         Runner(graded_apart, "quick", tmp_path / "apart", progress=False).adopt(out / "results.json", sweep)

@@ -133,8 +133,8 @@ class Runner:
 
         With `source` (another experiment, whose results `published` holds): a cell of it counts for every cell of
         this experiment with the same seed, scale, sampling and config, under whatever variant names — a cell is
-        what its config computes. The two must run the same stages and evaluation, and the cell must hold every
-        metric this experiment reports."""
+        what its config computes. The two must run the same stages and evaluation. (A metric added to the code after
+        the cell ran is missing from it, as from a same-experiment cell published before; the report shows "—".)"""
         document = json.loads(Path(published).read_text())
         source = source or self.experiment
         if document.get("experiment") != source.name:
@@ -154,12 +154,10 @@ class Runner:
                     continue
                 same = (_same_config(cell["config"], self.experiment.config(*key, self.scale))
                         and cell.get("sampling", {}) == self.experiment.sampling.get(key[0], {}))
-                if other:
-                    same = same and set(self.experiment.metrics) <= set(cell["metrics"])
-                elif not same:
-                    log.warning("%s: published cell %s/seed%d ran another config; it runs again",
-                                self.experiment.name, *key)
                 if not same:
+                    if not other:  # this experiment's own cell changed since it was published
+                        log.warning("%s: published cell %s/seed%d ran another config; it runs again",
+                                    self.experiment.name, *key)
                     continue
                 origin = f"{published} ({source.name} {cell['variant']}/seed{seed})" if other else str(published)
                 self.cell_dir(*key).mkdir(parents=True, exist_ok=True)
