@@ -19,6 +19,7 @@ import pytest
 from scipy import linalg, stats
 
 from dalle_jax import config as config_lib
+from dalle_jax.demo.report import machine
 from dalle_jax.errors import InputError
 from dalle_jax.experiments import Claim, report, spec
 from dalle_jax.experiments.metrics import blur, frechet_distance, frechet_distance_from_stats
@@ -336,7 +337,8 @@ def test_quick_sweep_report_has_intervals_and_a_verdict_per_claim(quick_sweep):
     values = results["variants"]["weight_half"]["prior/eval/text_loss"]["values"]
     assert len(values) == 2 and f"{np.mean(values):.4g} [" in markdown  # mean and interval of the two seeds
     today = datetime.date.today().isoformat()
-    assert f"- cells finished: {today} at " in markdown and "(4 cells)" in markdown
+    assert f"- cells finished: {today} at " in markdown and f" on {machine()} (4 cells)" in markdown
+    assert {cell["machine"] for cell in results["cells"]} == {machine()}  # each cell says where it ran
     assert (out / "plot.png").stat().st_size > 1000
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from dalle_jax.config import Config
@@ -92,6 +93,11 @@ def stage_table(report: dict) -> list[str]:
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in numbers.get(name, {}).items())
         lines.append(f"| {name} | {wall:.0f} | {shown} |")
     return lines
+
+
+def machine() -> str:
+    """"<CPU model>, <n> cores": where a measurement ran (runs on different machines are not bitwise equal)."""
+    return f"{_cpu_model() or 'unknown CPU'}, {os.cpu_count()} cores"
 
 
 def _cpu_model() -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +88,11 @@ def _fmt(stats: dict) -> str:
 def write_report(experiment: Experiment, results: list[dict], out: Path, *, scale: str, command: str,
                  wall_s: float) -> dict:
     """results.json, results.md and plot.png in `out`; returns the summary."""
-    from dalle_jax.demo.report import _cpu_model
+    from dalle_jax.demo.report import machine as machine_name
     from dalle_jax.images import plot_intervals
 
     summary = summarize(experiment, results)
-    machine = f"{_cpu_model() or 'unknown CPU'}, {os.cpu_count()} cores"
+    machine = machine_name()
     date = datetime.date.today().isoformat()
     document = {"experiment": experiment.name, "scale": scale, "command": command, "machine": machine, "date": date,
                 "wall_s": wall_s, "confidence": CONFIDENCE, **summary, "cells": results}
@@ -136,6 +135,7 @@ def _provenance(results: list[dict]) -> str:
     groups: dict[str, int] = {}
     for r in results:
         key = f"{r.get('finished', 'date not recorded')} at {r.get('commit') or 'unknown commit'}"
+        key += f" on {r['machine']}" if r.get("machine") else ""  # cells from before the field: no machine
         key += ", adopted from a published report" if r.get("adopted_from") else ""
         groups[key] = groups.get(key, 0) + 1
     return "; ".join(f"{key} ({n} cell{'s' if n > 1 else ''})" for key, n in groups.items())

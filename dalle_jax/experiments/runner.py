@@ -31,6 +31,7 @@ from typing import Any
 from dalle_jax import config as config_lib
 from dalle_jax import runs
 from dalle_jax.config import Config
+from dalle_jax.demo.report import machine
 from dalle_jax.demo.runner import build_dataset, build_tokenizer, train_stage
 from dalle_jax.experiments.spec import Experiment
 from dalle_jax.train.loop import DivergenceError
@@ -203,7 +204,7 @@ class Runner:
                   "overrides": self.experiment.variants[variant],
                   "sampling": self.experiment.sampling.get(variant, {}), "metrics": metrics, "diverged": diverged,
                   "wall_s": time.perf_counter() - start, "finished": time.strftime("%Y-%m-%d"),
-                  "commit": self.commit or _commit(), "config": config_lib.to_dict(config)}
+                  "commit": self.commit or _commit(), "machine": machine(), "config": config_lib.to_dict(config)}
         _write_json(cell / RESULT, result)
         log.info("%s: cell %s/seed%d done in %.0f s", self.experiment.name, variant, seed, result["wall_s"])
         return result
