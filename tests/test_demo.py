@@ -2,6 +2,7 @@
 `dalle-jax sample` works on its run directory (layout, JSONL, bad input). No quality thresholds here: the quick
 preset trains for seconds; the demo preset's numbers are measured and reported in the README."""
 
+import dataclasses
 import json
 import os
 import re
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dalle_jax.config import ConfigError
 from dalle_jax.data.scorer import SHAPE_MAX_DISTANCE
+from dalle_jax.demo.runner import demo_config
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -53,6 +56,17 @@ def test_quick_demo_writes_every_artefact(quick_run):
     assert (run / "tokenizer.json").is_file()
     for stage in ("dvae", "prior", "clip"):
         assert any((run / stage / "checkpoints").iterdir()), stage
+
+
+def test_demo_preset_compose_is_the_demo_with_4x_the_prior_updates():
+    seed = int(np.random.default_rng().integers(100))
+    demo = demo_config(False, "red circle", seed, ["clip_train.steps=10"])
+    compose = demo_config(False, "red circle", seed, ["clip_train.steps=10"], preset="compose")
+    assert compose.prior_train.steps == 4 * demo.prior_train.steps
+    assert compose.prior_train.warmup_steps == 4 * demo.prior_train.warmup_steps
+    assert dataclasses.replace(compose, name="demo", prior_train=demo.prior_train) == demo  # nothing else differs
+    with pytest.raises(ConfigError, match="choose one of demo, compose"):
+        demo_config(False, None, 0, [], preset="bench")
 
 
 def test_rerun_skips_finished_stages(quick_run):

@@ -155,9 +155,16 @@ def train_stage(stage: str, config: Config, run: Path, *, data: str | None = Non
     return {**metrics, "step": result["step"], "preempted": result["preempted"]}
 
 
-def demo_config(quick: bool, holdout: str | None, seed: int, overrides: list[str]) -> Config:
-    """The demo (or quick) preset with every training stage seeded by `seed` and the held-out pairs set."""
+DEMO_PRESETS = ("demo", "compose")  # the shapes presets `dalle-jax demo --preset` runs
+
+
+def demo_config(quick: bool, holdout: str | None, seed: int, overrides: list[str], preset: str = "demo") -> Config:
+    """`preset` (demo or compose; quick with `quick`) with every training stage seeded by `seed` and the held-out
+    pairs set."""
+    if preset not in DEMO_PRESETS:
+        raise config_lib.ConfigError(f"demo --preset {preset}: choose one of {', '.join(DEMO_PRESETS)} "
+                                     "(the shapes presets)")
     sets = [f"{section}.seed={seed}" for section in ("dvae_train", "prior_train", "clip_train")]
     if holdout:
         sets.append(f"data.holdout={holdout}")
-    return config_lib.resolve("quick" if quick else "demo", sets + list(overrides))
+    return config_lib.resolve("quick" if quick else preset, sets + list(overrides))
