@@ -94,6 +94,14 @@ class DVAEConfig:
         return image_size // self.downsample
 
 
+def pair_sums(first: jax.Array, second: jax.Array, axis: int = -1) -> jax.Array:
+    """The sums of every pair of two tables' entries along `axis`: (.., A, ..) and (.., B, ..) -> (.., A * B, ..),
+    entry a * B + b = first[a] + second[b] — the code ids of product codes (`DVAEConfig.factor_codes`)."""
+    first, second = jnp.moveaxis(first, axis, -1), jnp.moveaxis(second, axis, -1)
+    pairs = (first[..., :, None] + second[..., None, :]).reshape(*first.shape[:-1], -1)
+    return jnp.moveaxis(pairs, -1, axis)
+
+
 def map_pixels(x: jax.Array) -> jax.Array:
     """[0, 1] -> [eps, 1 - eps], the range the logit-Laplace likelihood lives on."""
     return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
@@ -201,10 +209,9 @@ class Encoder(nnx.Module):
             return constrain(self._table_logits(self.output, features), ACTIVATION_AXES)
         # Code (a, b) = a * |b table| + b scores the sum of its tables' logits: the posterior is the product of
         # one categorical per table.
-        half = features.shape[-1] // 2
-        first = self._table_logits(self.output, features[..., :half])
-        second = self._table_logits(self.output_second, features[..., half:])
-        logits = (first[..., :, None] + second[..., None, :]).reshape(*first.shape[:-1], -1)
+        first_half, second_half = jnp.split(features, 2, axis=-1)
+        logits = pair_sums(self._table_logits(self.output, first_half),
+                           self._table_logits(self.output_second, second_half))
         return constrain(logits, ACTIVATION_AXES)
 
     def _table_logits(self, conv: Conv, features: jax.Array) -> jax.Array:
@@ -245,8 +252,7 @@ class Decoder(nnx.Module):
         """(vocab, n_init) rows and the (n_init,) bias the decoder's input conv gives each code's one-hot."""
         w, b = self.input.w[...][0, 0], self.input.b[...]
         if self.config.factor_codes:
-            second = self.input_second.w[...][0, 0]
-            w = (w[:, None, :] + second[None, :, :]).reshape(-1, w.shape[-1])
+            w = pair_sums(w, self.input_second.w[...][0, 0], axis=0)
             b = b + self.input_second.b[...]
         return w, b
 

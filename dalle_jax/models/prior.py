@@ -31,6 +31,7 @@ from flax import nnx
 from dalle_jax.errors import ConfigError
 from dalle_jax.models import masks as masks_lib
 from dalle_jax.models import splash as splash_lib
+from dalle_jax.models.dvae import pair_sums
 from dalle_jax.models.init import ones as _ones
 from dalle_jax.models.init import param as _param
 from dalle_jax.sharding import constrain
@@ -298,8 +299,7 @@ class Prior(nnx.Module):
     def image_logits(self, h: jax.Array) -> jax.Array:
         logits = jnp.einsum("bsd,dv->bsv", h, self.image_head[...])
         if len(self.config.image_tables) == 2:  # token (a, b) scores logit_a + logit_b: a product of two softmaxes
-            second = jnp.einsum("bsd,dv->bsv", h, self.image_head_second[...])
-            logits = (logits[..., :, None] + second[..., None, :]).reshape(*logits.shape[:-1], -1)
+            logits = pair_sums(logits, jnp.einsum("bsd,dv->bsv", h, self.image_head_second[...]))
         return constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(self, text: jax.Array, image: jax.Array, dropout_key: jax.Array | None = None
