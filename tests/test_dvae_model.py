@@ -7,6 +7,8 @@ import pytest
 from flax import nnx
 
 from dalle_jax.config import DVAETrainConfig
+from dalle_jax.data import shapes
+from dalle_jax.models import dvae as dvae_model
 from dalle_jax.models.dvae import DVAE, Decoder, DVAEConfig, Encoder, count_params, map_pixels, unmap_pixels
 from dalle_jax.models.init import build_pooled
 
@@ -204,3 +206,74 @@ def test_product_codes_must_split_the_vocabulary():
     for bad in (5, 1, 512):
         with pytest.raises(ValueError, match="factor_codes"):
             DVAEConfig(vocab_size=512, factor_codes=bad)
+
+
+def test_colour_free_image_is_the_objects_coverage_in_every_colour():
+    """dvae.factor_inputs=colour_shape's shape input, on the shapes renderer: one object drawn in each of the eight
+    colours gives one image (up to the renderer's uint8 rounding), equal to the object's anti-aliased coverage in
+    the patches it shares with the background and 0 in the patches it fills or misses."""
+    rng = np.random.default_rng()
+    patch, size = 4, 32
+    shape = str(rng.choice(shapes.SHAPES))
+    x0, y0 = (int(v) for v in rng.integers(0, size - 14, 2))
+    images = np.stack([shapes.render_objects([{"color": c, "shape": shape, "box": [x0, y0, x0 + 14, y0 + 14]}], size)
+                       for c in shapes.COLORS])
+    free = np.asarray(dvae_model.colour_free_image(map_pixels(jnp.asarray(images, jnp.float32) / 255.0), patch))[..., 0]
+    coverage = np.zeros((size, size))
+    coverage[y0:y0 + 14, x0:x0 + 14] = shapes.shape_coverage(shape, 14)
+    by_patch = coverage.reshape(size // patch, patch, size // patch, patch)
+    shared = (by_patch.min(axis=(1, 3)) < 1 - 1e-3) & (by_patch.max(axis=(1, 3)) > 1e-3)  # object and background
+    mixed = np.repeat(np.repeat(shared, patch, 0), patch, 1)
+    for image in free:
+        np.testing.assert_allclose(image, free[0], atol=0.02)
+        np.testing.assert_allclose(image[~mixed], 0.0, atol=1e-6)
+    # The patch's lightest and darkest pixels set the scale: in a patch holding pure background and a fully covered
+    # pixel, the image is the coverage.
+    both = (by_patch.max(axis=(1, 3)) > 1 - 1e-3) & (by_patch.min(axis=(1, 3)) < 1e-3)
+    full = np.repeat(np.repeat(both, patch, 0), patch, 1)
+    assert full.any()
+    np.testing.assert_allclose(free[:, full], np.broadcast_to(coverage[full], free[:, full].shape), atol=0.02)
+
+
+def test_colour_shape_codes_read_colour_and_shape_apart():
+    """dvae.factor_inputs=colour_shape: the logits are pair sums of the colour table's (a 1x1 layer, ReLU and
+    distance logits on each patch's per-channel min and max; float64 reference) and the shape table's (the trunk on
+    the colour-free image). Recolouring an object leaves the shape table's logits unchanged; shuffling the pixels
+    inside every patch leaves the colour table's unchanged."""
+    rng = np.random.default_rng()
+    config = DVAEConfig(**{**TINY.__dict__, "factor_codes": 8, "logits": "distance", "factor_inputs": "colour_shape"})
+    model = _model(config, seed=int(rng.integers(1 << 30)))
+    patch = config.downsample
+    images = map_pixels(jnp.asarray(rng.uniform(size=(2, 16, 16, 3)), jnp.float32))
+    x = np.asarray(images, np.float64).reshape(2, 4, patch, 4, patch, 3)
+    stats = np.concatenate([x.min(axis=(2, 4)), x.max(axis=(2, 4))], axis=-1)  # (2, 4, 4, 6)
+    hidden = np.maximum(stats @ np.asarray(model.encoder.colour.w[...][0, 0], np.float64)
+                        + np.asarray(model.encoder.colour.b[...], np.float64), 0)
+    codes = np.asarray(model.encoder.output.w[...][0, 0], np.float64)
+    want_colour = 2 * hidden @ codes - np.sum(codes**2, axis=0)
+    colour, trunk = model.encoder.table_features(images)
+    np.testing.assert_allclose(np.asarray(colour, np.float64), hidden, rtol=1e-4, atol=1e-5)
+    free = dvae_model.colour_free_image(images, patch)
+    np.testing.assert_allclose(np.asarray(trunk), np.asarray(model.encoder.features(free)))
+    logits = np.asarray(model.encoder(images), np.float64)
+    first = logits.reshape(*logits.shape[:-1], 8, 8)[..., :, 0] - logits.reshape(*logits.shape[:-1], 8, 8)[..., 0, 0:1]
+    np.testing.assert_allclose(first, want_colour - want_colour[..., :1], rtol=1e-4, atol=1e-4)
+
+    box = [4, 4, 14, 14]
+    red, blue = (shapes.render_objects([{"color": c, "shape": "triangle", "box": box}], 16) for c in ("red", "blue"))
+    pair = map_pixels(jnp.asarray(np.stack([red, blue]), jnp.float32) / 255.0)
+    shape_logits = np.asarray(model.encoder(pair)).reshape(2, 4, 4, 8, 8)[..., 0, :]  # table 2 at colour entry 0
+    np.testing.assert_allclose(shape_logits[0] - shape_logits[0, ..., :1], shape_logits[1] - shape_logits[1, ..., :1],
+                               atol=0.005 * np.abs(shape_logits).max())
+    perm = rng.permutation(patch * patch)
+    blocks = np.asarray(images).reshape(2, 4, patch, 4, patch, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 4, -1, 3)
+    shuffled = blocks[:, :, :, perm].reshape(2, 4, 4, patch, patch, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 16, 16, 3)
+    colour_shuffled, _ = model.encoder.table_features(jnp.asarray(shuffled))
+    np.testing.assert_array_equal(np.asarray(colour_shuffled), np.asarray(colour))
+
+
+def test_colour_shape_inputs_need_product_codes():
+    with pytest.raises(ValueError, match="set dvae.factor_codes"):
+        DVAEConfig(vocab_size=64, factor_inputs="colour_shape")
+    with pytest.raises(ValueError, match="factor_inputs"):
+        DVAEConfig(vocab_size=64, factor_codes=8, factor_inputs="colour")

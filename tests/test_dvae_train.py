@@ -142,7 +142,7 @@ def test_revived_codes_take_over_their_donor_tokens_unchanged():
     embed = rng.normal(size=(vocab, n_init)).astype(np.float32)
     features = np.abs(rng.normal(size=(2, 3, 4, n_feat))).astype(np.float32)
     params = {"encoder": {"output": {"w": codes[None, None]}}, "decoder": {"input": {"w": embed[None, None]}}}
-    new, used_after = dvae_train.revive_dead_codes(params, jax.numpy.asarray(features), jax.random.key(1))
+    new, used_after = dvae_train.revive_dead_codes(params, (jax.numpy.asarray(features),), jax.random.key(1))
     new_codes = np.asarray(new["encoder"]["output"]["w"][0, 0])
     new_embed = np.asarray(new["decoder"]["input"]["w"][0, 0])
     flat = features.reshape(-1, n_feat)
@@ -160,27 +160,27 @@ def test_revived_codes_take_over_their_donor_tokens_unchanged():
         np.testing.assert_array_equal(new_embed[c], embed[picked[token]])
 
 
-def test_product_codes_revive_each_table_on_its_half_of_the_features():
+def test_product_codes_revive_each_table_on_its_own_features():
     """Two code tables (dvae.factor_codes): reviving both equals reviving each alone, as a one-table dVAE, on its
-    half of the feature channels (the second with the key folded by 1)."""
+    features (the second with the key folded by 1); the tables' feature widths may differ (colour_shape)."""
     rng = np.random.default_rng()
-    n_feat, n_init, sizes = 8, 5, (6, 10)
+    widths, n_init, sizes = (4, 7), 5, (6, 10)
     tables = []
-    for size in sizes:
-        codes = rng.normal(size=(n_feat // 2, size)).astype(np.float32) * 0.01 - 50.0
-        codes[:, rng.choice(size, 2, replace=False)] = rng.normal(size=(n_feat // 2, 2))
+    for width, size in zip(widths, sizes, strict=True):
+        codes = rng.normal(size=(width, size)).astype(np.float32) * 0.01 - 50.0
+        codes[:, rng.choice(size, 2, replace=False)] = rng.normal(size=(width, 2))
         tables.append((codes, rng.normal(size=(size, n_init)).astype(np.float32)))
     (c1, e1), (c2, e2) = tables
     params = {"encoder": {"output": {"w": c1[None, None]}, "output_second": {"w": c2[None, None]}},
               "decoder": {"input": {"w": e1[None, None]}, "input_second": {"w": e2[None, None]}}}
-    features = jax.numpy.asarray(np.abs(rng.normal(size=(2, 3, 4, n_feat))).astype(np.float32))
+    features = tuple(jax.numpy.asarray(np.abs(rng.normal(size=(2, 3, 4, w))).astype(np.float32)) for w in widths)
     key = jax.random.key(int(rng.integers(1 << 30)))
     new, used = dvae_train.revive_dead_codes(params, features, key)
     assert len(used) == 2
     for i, ((codes, embed), (encoder, decoder)) in enumerate(zip(tables, dvae_train.CODE_TABLES, strict=True)):
         alone = {"encoder": {"output": {"w": codes[None, None]}}, "decoder": {"input": {"w": embed[None, None]}}}
-        half = features[..., i * n_feat // 2:(i + 1) * n_feat // 2]
-        want, (want_used,) = dvae_train.revive_dead_codes(alone, half, key if i == 0 else jax.random.fold_in(key, i))
+        want, (want_used,) = dvae_train.revive_dead_codes(alone, (features[i],),
+                                                          key if i == 0 else jax.random.fold_in(key, i))
         assert int(np.sum(~np.asarray(want_used))) > 0
         np.testing.assert_array_equal(np.asarray(used[i]), np.asarray(want_used))
         np.testing.assert_array_equal(new["encoder"][encoder]["w"], want["encoder"]["output"]["w"])

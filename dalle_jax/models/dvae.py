@@ -26,6 +26,10 @@ from dalle_jax.models.init import standard_normal
 from dalle_jax.sharding import constrain
 
 LOGIT_LAPLACE_EPS = 0.1
+FACTOR_INPUTS = ("channels", "colour_shape")
+# `colour_free_image` divides by a patch's range but by at least this (in map_pixels units, 1/4 of the full range):
+# an anti-aliased sliver of object in an otherwise empty patch stays faint instead of being stretched to 1.
+CONTRAST_FLOOR = 0.25 * (1 - 2 * LOGIT_LAPLACE_EPS)
 ACTIVATION_AXES = ("batch", "height", "width", None)  # NHWC
 
 
@@ -59,6 +63,15 @@ class DVAEConfig:
     # codes no training image uses; with two tables the pair can be a combination of entries that training did
     # use, if the tables split along colour and shape (measured in experiments/composition_tokens.py).
     factor_codes: int = 0
+    # What each product-code table reads (issue 17; factor_codes > 0 only). "channels": each table quantises half
+    # of the encoder's feature channels, an unsupervised split (measured in experiments/analysis/code_tables.py:
+    # colour goes mostly to one table, shape to both). "colour_shape" forces the split, for flat-coloured objects
+    # on a light background such as the shapes dataset draws: the first table (factor_codes entries) reads only
+    # each token's patch colour range (per channel the min and max over its f x f pixels, through a 1x1 layer),
+    # so it cannot see shape within the patch; the second reads the encoder run on a colour-free image (each
+    # pixel's darkness below its patch's lightest value over the patch's range, `colour_free_image`), so it cannot
+    # see colour. A held-out colour/shape pair is then a colour entry and a shape entry that training used.
+    factor_inputs: str = "channels"
 
     def __post_init__(self):
         if self.pooling not in ("max", "avg"):
@@ -75,6 +88,10 @@ class DVAEConfig:
                                   or self.vocab_size // self.factor_codes < 2):
             raise ConfigError(f"dvae.factor_codes={self.factor_codes} must divide dvae.vocab_size="
                               f"{self.vocab_size} into two tables of >= 2 codes each (0 = one table)")
+        if self.factor_inputs not in FACTOR_INPUTS:
+            raise ConfigError(f"dvae.factor_inputs='{self.factor_inputs}': choose one of {', '.join(FACTOR_INPUTS)}")
+        if self.factor_inputs != "channels" and not self.factor_codes:
+            raise ConfigError(f"dvae.factor_inputs='{self.factor_inputs}' splits product codes: set dvae.factor_codes")
 
     @property
     def tables(self) -> tuple[int, ...]:
@@ -100,6 +117,23 @@ def pair_sums(first: jax.Array, second: jax.Array, axis: int = -1) -> jax.Array:
     first, second = jnp.moveaxis(first, axis, -1), jnp.moveaxis(second, axis, -1)
     pairs = (first[..., :, None] + second[..., None, :]).reshape(*first.shape[:-1], -1)
     return jnp.moveaxis(pairs, -1, axis)
+
+
+def patch_colour_range(x: jax.Array, patch: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H/patch, W/patch, 2C): per channel the min (first C) and the max over each patch."""
+    window = (1, patch, patch, 1)
+    high = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, window, "VALID")
+    low = -jax.lax.reduce_window(-x, -jnp.inf, jax.lax.max, window, window, "VALID")
+    return jnp.concatenate([low, high], axis=-1)
+
+
+def colour_free_image(x: jax.Array, patch: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H, W, 1): per pixel the largest over channels of (the patch's max - x) / max(the patch's
+    range, CONTRAST_FLOOR). A flat-coloured object on a light background gives the same image in every colour:
+    its coverage of each pixel in a patch it shares with the background, 0 in patches it fills or misses."""
+    low, high = jnp.split(patch_colour_range(x, patch), 2, axis=-1)
+    low, high = (jnp.repeat(jnp.repeat(v, patch, axis=1), patch, axis=2) for v in (low, high))
+    return jnp.max((high - x) / jnp.maximum(high - low, CONTRAST_FLOOR), axis=-1, keepdims=True)
 
 
 def map_pixels(x: jax.Array) -> jax.Array:
@@ -182,20 +216,35 @@ class Encoder(nnx.Module):
     def __init__(self, config: DVAEConfig, *, rngs: nnx.Rngs):
         self.config = config
         widths = [config.n_hid * 2**g for g in range(config.group_count)]
-        self.input = Conv(config.input_channels, config.n_hid, 7, rngs=rngs, dtype=config.compute_dtype)
+        colour_shape = config.factor_inputs == "colour_shape"
+        in_channels = 1 if colour_shape else config.input_channels  # colour_shape: the trunk sees no colour
+        self.input = Conv(in_channels, config.n_hid, 7, rngs=rngs, dtype=config.compute_dtype)
         self.groups = nnx.List([
             Group(config.n_hid if g == 0 else widths[g - 1], widths[g], config, (3, 3, 3, 1), rngs=rngs)
             for g in range(config.group_count)])
         # The output conv stays fp32, as in the release: logits feed argmax and the KL. Product codes: one conv
-        # per table, each reading its half of the features.
+        # per table, each reading its features (`table_features`).
         tables = config.tables
         width = widths[-1] // len(tables)
+        if colour_shape:  # the colour table's features: a 1x1 layer on each patch's colour range
+            self.colour = Conv(2 * config.input_channels, width, 1, rngs=rngs, dtype="float32")
         self.output = Conv(width, tables[0], 1, rngs=rngs, dtype="float32")
         if len(tables) == 2:
-            self.output_second = Conv(width, tables[1], 1, rngs=rngs, dtype="float32")
+            self.output_second = Conv(widths[-1] if colour_shape else width, tables[1], 1, rngs=rngs,
+                                      dtype="float32")
+
+    def table_features(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """The ReLU features each code table's output conv reads, (B, h, w, C_t) per table."""
+        if not self.config.factor_codes:
+            return (self.features(x),)
+        if self.config.factor_inputs == "colour_shape":
+            patch = self.config.downsample
+            colour = jax.nn.relu(self.colour(patch_colour_range(x, patch)))
+            return colour, self.features(colour_free_image(x, patch))
+        return tuple(jnp.split(self.features(x), 2, axis=-1))
 
     def features(self, x: jax.Array) -> jax.Array:
-        """The (B, h, w, C) ReLU features the output conv turns into logits."""
+        """The (B, h, w, C) ReLU features of the convolutional trunk."""
         x = self.input(x)
         for g, group in enumerate(self.groups):
             x = group(x)
@@ -204,14 +253,13 @@ class Encoder(nnx.Module):
         return jax.nn.relu(x)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        features = self.features(x)
-        if not self.config.factor_codes:
-            return constrain(self._table_logits(self.output, features), ACTIVATION_AXES)
+        features = self.table_features(x)
+        if len(features) == 1:
+            return constrain(self._table_logits(self.output, features[0]), ACTIVATION_AXES)
         # Code (a, b) = a * |b table| + b scores the sum of its tables' logits: the posterior is the product of
         # one categorical per table.
-        first_half, second_half = jnp.split(features, 2, axis=-1)
-        logits = pair_sums(self._table_logits(self.output, first_half),
-                           self._table_logits(self.output_second, second_half))
+        logits = pair_sums(self._table_logits(self.output, features[0]),
+                           self._table_logits(self.output_second, features[1]))
         return constrain(logits, ACTIVATION_AXES)
 
     def _table_logits(self, conv: Conv, features: jax.Array) -> jax.Array:

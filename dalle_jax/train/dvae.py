@@ -99,9 +99,10 @@ def dvae_loss(model: DVAE, batch: dict, key: jax.Array, step: jax.Array, cfg: DV
 CODE_TABLES = (("output", "input"), ("output_second", "input_second"))
 
 
-def revive_dead_codes(params: dict, features: jax.Array, key: jax.Array) -> tuple[dict, tuple[jax.Array, ...]]:
-    """Moves every code that no token of `features` (B, h, w, C) picks onto a token of the batch, per code table
-    (product codes: each table quantises its half of the channels, so each is revived on its half).
+def revive_dead_codes(params: dict, features: tuple[jax.Array, ...], key: jax.Array
+                      ) -> tuple[dict, tuple[jax.Array, ...]]:
+    """Moves every code that no token picks onto a token of the batch, per code table on that table's features
+    (B, h, w, C_t) (`Encoder.table_features`: one array, or two for product codes).
 
     For the "distance" logits: code c's vector is column c of the encoder's output conv. A revived code gets a
     donor token's feature f_t as its vector (distance 0, so it wins t) and the decoder embedding of the code t
@@ -111,7 +112,7 @@ def revive_dead_codes(params: dict, features: jax.Array, key: jax.Array) -> tupl
     """
     tables = [table for table in CODE_TABLES if table[0] in params["encoder"]]
     used = []
-    for i, (table, part) in enumerate(zip(tables, jnp.split(features, len(tables), axis=-1), strict=True)):
+    for i, (table, part) in enumerate(zip(tables, features, strict=True)):
         params, kept = _revive_table(params, table, part, key if i == 0 else jax.random.fold_in(key, i))
         used.append(kept)
     return params, tuple(used)
@@ -154,7 +155,7 @@ def with_code_revival(train_step: Any, spec: loop.StateSpec, mesh, cfg: DVAETrai
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=(spec.shardings, replicated))
     def revive(state: dict, images: jax.Array, key: jax.Array) -> tuple[dict, jax.Array]:
         model = loop.merged_model(spec, state["params"])
-        features = model.encoder.features(map_pixels(images.astype(jnp.float32) / 255.0))
+        features = model.encoder.table_features(map_pixels(images.astype(jnp.float32) / 255.0))
         params, used = revive_dead_codes(state["params"], features, key)
         # The EMA takes the revived codes as they are (an average with the dead vector would be neither).
         ema = state["ema_params"]
