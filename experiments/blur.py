@@ -18,7 +18,7 @@ RADII = (0, 1, 2, 4)
 
 EXPERIMENT = Experiment(
     name="blur",
-    base="demo",
+    base="ablation",
     variants={"demo": []},
     stages=("dvae", "prior", "clip", "evaluate"),
     metrics=(*(f"frechet/generated_blur{r}" for r in RADII), *(f"frechet/reconstructed_blur{r}" for r in RADII),

@@ -14,7 +14,7 @@ from dalle_jax.experiments.recipes import DVAE_SCALES
 
 EXPERIMENT = Experiment(
     name="dvae_kl_weight",
-    base="demo",
+    base="ablation",
     variants={"beta_0": ["dvae_train.kl_weight=0"], "beta_1": ["dvae_train.kl_weight=1"],
               "beta_6.6": ["dvae_train.kl_weight=6.6"]},
     stages=("dvae",),

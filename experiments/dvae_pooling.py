@@ -18,7 +18,7 @@ DEMO = sorted({o for overrides in demo_dvae_deviations(1000).values() for o in o
 
 EXPERIMENT = Experiment(
     name="dvae_pooling",
-    base="demo",
+    base="ablation",
     variants={"max": ["dvae.pooling=max"], "avg": ["dvae.pooling=avg"],
               "demo_recipe_max": [*DEMO, "dvae.pooling=max"], "demo_recipe_avg": [*DEMO, "dvae.pooling=avg"]},
     stages=("dvae",),

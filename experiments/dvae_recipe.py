@@ -18,7 +18,7 @@ demo = sorted({o for overrides in deviations.values() for o in overrides})
 
 EXPERIMENT = Experiment(
     name="dvae_recipe",
-    base="demo",
+    base="ablation",
     variants={"paper": [], **{f"+{name}": overrides for name, overrides in deviations.items()}, "demo": demo},
     stages=("dvae",),
     metrics=("dvae/eval/recon_color_shape_acc", "dvae/eval/mse", "dvae/eval/codebook_perplexity",

@@ -16,7 +16,7 @@ from dalle_jax.experiments.recipes import DVAE_SCALES
 
 EXPERIMENT = Experiment(
     name="dvae_temperature",
-    base="demo",
+    base="ablation",
     variants={"cosine": ["dvae_train.temperature_schedule=cosine"],
               "linear": ["dvae_train.temperature_schedule=linear"],
               "cosine_whole_run": ["dvae_train.temperature_steps=1000"]},

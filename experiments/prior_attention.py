@@ -14,7 +14,7 @@ from dalle_jax.experiments.recipes import PRIOR_SCALES
 
 EXPERIMENT = Experiment(
     name="prior_attention",
-    base="demo",
+    base="ablation",
     variants={"sparse": ["prior.attention=sparse"], "dense": ["prior.attention=dense"]},
     stages=("dvae", "prior", "clip", "evaluate"),
     metrics=("prior/eval/image_loss", "prior/eval/image_loss_heldout", "prior/tokens_per_s",

@@ -13,7 +13,7 @@ from dalle_jax.experiments.recipes import PRIOR_SCALES
 
 EXPERIMENT = Experiment(
     name="prior_last_layer",
-    base="demo",
+    base="ablation",
     variants={"conv_last": ["prior.last_layer_conv=true"], "row_last": ["prior.last_layer_conv=false"]},
     stages=("dvae", "prior", "clip", "evaluate"),
     metrics=("prior/eval/image_loss", "prior/eval/image_loss_heldout", "caption/mean/best_of_1",

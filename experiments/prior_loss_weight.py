@@ -13,7 +13,7 @@ from dalle_jax.experiments.recipes import PRIOR_SCALES
 
 EXPERIMENT = Experiment(
     name="prior_loss_weight",
-    base="demo",
+    base="ablation",
     variants={"text_eighth": ["prior_train.text_loss_weight=0.125"], "text_0": ["prior_train.text_loss_weight=0"],
               "text_half": ["prior_train.text_loss_weight=0.5"]},
     stages=("dvae", "prior", "clip", "evaluate"),

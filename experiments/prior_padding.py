@@ -15,7 +15,7 @@ from dalle_jax.experiments.recipes import PRIOR_SCALES
 
 EXPERIMENT = Experiment(
     name="prior_padding",
-    base="demo",
+    base="ablation",
     variants={"per_position": ["text.pad_mode=per_position"], "shared": ["text.pad_mode=shared"]},
     stages=("dvae", "prior", "clip", "evaluate"),
     metrics=("prior/eval/image_loss", "prior/eval/text_loss", "prior/eval/image_loss_heldout",

@@ -16,7 +16,7 @@ N = (1, 2, 4, 8, 16, 32, 64)
 
 EXPERIMENT = Experiment(
     name="rerank_n",
-    base="demo",
+    base="ablation",
     variants={"demo": []},
     stages=("dvae", "prior", "clip", "evaluate"),
     metrics=(*(f"caption/mean/best_of_{n}" for n in N), "caption/heldout/best_of_1", "caption/heldout/best_of_32",

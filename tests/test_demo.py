@@ -65,8 +65,22 @@ def test_demo_preset_compose_is_the_demo_with_4x_the_prior_updates():
     assert compose.prior_train.steps == 4 * demo.prior_train.steps
     assert compose.prior_train.warmup_steps == 4 * demo.prior_train.warmup_steps
     assert dataclasses.replace(compose, name="demo", prior_train=demo.prior_train) == demo  # nothing else differs
-    with pytest.raises(ConfigError, match="choose one of demo, compose"):
+    with pytest.raises(ConfigError, match="choose one of demo, compose, ablation"):
         demo_config(False, None, 0, [], preset="bench")
+
+
+def test_demo_preset_is_the_ablation_preset_with_colour_shape_codes():
+    """The demo adopted colour/shape codes (issue 17); the experiments' base keeps one code table, and nothing
+    else differs (the prior's image vocabulary and factors follow the dVAE)."""
+    seed = int(np.random.default_rng().integers(100))
+    demo = demo_config(False, "red circle", seed, [])
+    ablation = demo_config(False, "red circle", seed, [], preset="ablation")
+    assert (demo.dvae.factor_codes, demo.dvae.factor_inputs, demo.prior.image_factor_codes) == (32, "colour_shape", 32)
+    assert (ablation.dvae.factor_codes, ablation.prior.image_factor_codes, ablation.dvae.vocab_size) == (0, 0, 512)
+    assert dataclasses.replace(demo, name="ablation", dvae=ablation.dvae) == ablation
+    from dalle_jax.experiments import spec  # every experiment starts from the one-table preset (or composes it)
+
+    assert {spec.load(name).base for name in spec.available()} == {"ablation", "compose"}
 
 
 def test_rerun_skips_finished_stages(quick_run):

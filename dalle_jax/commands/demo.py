@@ -21,8 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "  dalle-jax demo --preset compose --out runs/compose")
     parser.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); rerun to resume")
     parser.add_argument("--preset", default="demo", choices=DEMO_PRESETS,
-                        help="demo (default; ~12 min on 2 cores) or compose (4x the prior's updates, ~25 min: more "
-                             "relations, position and in-distribution prompts right; experiments/composition_preset)")
+                        help="demo (default; ~15 min on 2 cores; colour/shape codes, which draw held-out pairs), "
+                             "compose (4x the prior's updates, ~30 min: more relations right; "
+                             "experiments/composition_preset) or ablation (the one-table dVAE every experiment "
+                             "starts from)")
     parser.add_argument("--quick", action="store_true", help="the same stages at minimal sizes (the quick preset)")
     parser.add_argument("--holdout", help="comma-separated '<colour> <shape>' pairs kept out of train "
                                           "(default: red triangle,blue circle,yellow cross,green square)")

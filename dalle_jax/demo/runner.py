@@ -155,11 +155,11 @@ def train_stage(stage: str, config: Config, run: Path, *, data: str | None = Non
     return {**metrics, "step": result["step"], "preempted": result["preempted"]}
 
 
-DEMO_PRESETS = ("demo", "compose")  # the shapes presets `dalle-jax demo --preset` runs
+DEMO_PRESETS = ("demo", "compose", "ablation")  # the shapes presets `dalle-jax demo --preset` runs
 
 
 def demo_config(quick: bool, holdout: str | None, seed: int, overrides: list[str], preset: str = "demo") -> Config:
-    """`preset` (demo or compose; quick with `quick`) with every training stage seeded by `seed` and the held-out
+    """`preset` (one of DEMO_PRESETS; quick with `quick`) with every training stage seeded by `seed` and the held-out
     pairs set."""
     if preset not in DEMO_PRESETS:
         raise config_lib.ConfigError(f"demo --preset {preset}: choose one of {', '.join(DEMO_PRESETS)} "

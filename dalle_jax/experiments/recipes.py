@@ -89,6 +89,6 @@ def composition(**fields):
     set k, the composition metrics and evaluation; `fields` give name, variants, claims, plot (and any other)."""
     from dalle_jax.experiments.spec import Experiment
 
-    defaults = dict(base="demo", stages=("dvae", "prior", "clip", "evaluate"), metrics=COMPOSITION_METRICS,
+    defaults = dict(base="ablation", stages=("dvae", "prior", "clip", "evaluate"), metrics=COMPOSITION_METRICS,
                     scales=COMPOSITION_SCALES, seed_overrides=COMPOSITION_SEEDS, evaluation=COMPOSITION_EVALUATION)
     return Experiment(**{**defaults, **fields})
