@@ -403,13 +403,13 @@ def _demo() -> Config:
 
 
 def _compose() -> Config:
-    """The demo with 4x the prior's updates (4800; the whole pipeline ~25 min on 2 quiet cores by the stages' times,
-    75 min measured beside a CI run): the one lever measured
-    to lift two-object relations, in-distribution and size + position prompts (experiments/composition_compute, on
-    the 1000-update dVAE: relations best of 16 3% -> 30%, +27 points [5, 49] over three holdout sets; in-distribution
-    44% -> 72%). It does not draw held-out colour/shape pairs (no lever measured so far does: experiments/README.md).
-    Measured as a preset against the demo in experiments/composition_preset: on holdout set 0 in-distribution 96.9%,
-    size + position 75.0%, relations 65.6%, held-out pairs 0% (best of 16; sets 1-2 not yet run)."""
+    """The demo with 4x the prior's updates (4800; the whole pipeline ~25-30 min on 2 quiet cores): the one lever
+    measured to lift two-object relations (experiments/composition_compute, on the one-table 1000-update dVAE:
+    relations best of 16 3% -> 30%, +27 points [5, 49] over three holdout sets; in-distribution 44% -> 72%). With
+    the ablation preset's one-table dVAE (experiments/composition_preset, compose_one_table, holdout sets 0-1):
+    in-distribution 96.9 / 93.8%, size + position 75.0 / 78.1%, relations 65.6 / 65.6%, held-out pairs 0 / 9.4%
+    best of 16. With the demo's colour/shape codes (which draw held-out pairs at the demo's updates): not yet
+    measured."""
     base = _demo()
     prior_train = dataclasses.replace(base.prior_train, steps=4800, warmup_steps=480, eval_every=1600,
                                       save_every=1600)
