@@ -322,7 +322,7 @@ class Config:
 # Presets
 
 def _demo_dvae_train(steps: int) -> DVAETrainConfig:
-    """The demo's dVAE recipe (its deviations: _demo's docstring) over `steps` updates, tau annealed over all."""
+    """The demo's dVAE recipe (its deviations: _ablation's docstring) over `steps` updates, tau annealed over all."""
     return DVAETrainConfig(batch_size=32, log_every=50, eval_every=250, save_every=250).scaled_to(
         steps, learning_rate=1e-3, learning_rate_end=1e-4, likelihood="mse", kl_weight=0.0,
         temperature_steps=steps, revive_every=50, num_eval_images=256)
@@ -418,7 +418,7 @@ def _compose() -> Config:
 
 def _small() -> Config:
     """Your own captioned images on this 2-core CPU (`dalle-jax train --preset small`): the demo's models and
-    schedules (each measured there, see _demo), with a BPE vocabulary and caption length for free-form captions
+    schedules (each measured there, see _ablation), with a BPE vocabulary and caption length for free-form captions
     instead of the shapes' 20-odd words. Measured: 10k emoji images at 32 px in 11 min 47 s on 2 cores, peak RSS
     1.6 GiB (docs/own_data.md); at 32 px the dVAE's 8x8 tokens limit what the samples can show. One code table
     (the ablation preset's): the demo's colour/shape codes assume flat colours on a light background."""
