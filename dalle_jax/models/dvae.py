@@ -121,10 +121,7 @@ def pair_sums(first: jax.Array, second: jax.Array, axis: int = -1) -> jax.Array:
 
 def patch_colour_range(x: jax.Array, patch: int) -> jax.Array:
     """(B, H, W, C) -> (B, H/patch, W/patch, 2C): per channel the min (first C) and the max over each patch."""
-    window = (1, patch, patch, 1)
-    high = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, window, "VALID")
-    low = -jax.lax.reduce_window(-x, -jnp.inf, jax.lax.max, window, window, "VALID")
-    return jnp.concatenate([low, high], axis=-1)
+    return jnp.concatenate([-_max_pool(-x, patch), _max_pool(x, patch)], axis=-1)
 
 
 def colour_free_image(x: jax.Array, patch: int) -> jax.Array:
@@ -339,10 +336,16 @@ def reconstruct(decoder_output: jax.Array) -> jax.Array:
 
 
 def _pool(x: jax.Array, kind: str) -> jax.Array:
-    window = (1, 2, 2, 1)
     if kind == "max":
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, window, "VALID")
+        return _max_pool(x, 2)
+    window = (1, 2, 2, 1)
     return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, window, "VALID") / 4.0
+
+
+def _max_pool(x: jax.Array, size: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H/size, W/size, C): the max over each size x size patch."""
+    window = (1, size, size, 1)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, window, "VALID")
 
 
 def count_params(module: nnx.Module) -> int:
